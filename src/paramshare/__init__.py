@@ -1,0 +1,49 @@
+"""paramshare: parameter sharing and tying for PyTorch.
+
+Several parts of a model using one set of stored weights (hard ties), related weights pulled
+together by a penalty (soft ties), and weights that learn to share. Everything a model shares
+is described by one :class:`SharingPlan`, which survives the operations that break ties in
+plain PyTorch.
+
+Example:
+    >>> import torch.nn as nn, paramshare as ps
+    >>> lm = nn.ModuleDict({"embed": nn.Embedding(1000, 64), "head": nn.Linear(64, 1000, bias=False)})
+    >>> lm = ps.tie(lm, "embed.weight", "head.weight")
+    >>> ps.report(lm).ratio
+    2.0
+"""
+
+__version__ = "0.1.0"
+
+from .errors import SharingError
+from .layers import layer_assignment, share_layers
+from .plans import GroupStats, Kind, SharingPlan, TieGroup, get_kind, kind_names, register_kind
+from .report import SharingReport, report
+from .tying import apply_plan, check, find_ties, plan, tie, tie_modules, untie
+
+__all__ = [
+    "__version__",
+    # errors
+    "SharingError",
+    # plans and kinds
+    "SharingPlan",
+    "TieGroup",
+    "GroupStats",
+    "Kind",
+    "register_kind",
+    "get_kind",
+    "kind_names",
+    # hard ties
+    "tie",
+    "tie_modules",
+    "untie",
+    "find_ties",
+    "plan",
+    "apply_plan",
+    "check",
+    "share_layers",
+    "layer_assignment",
+    # reports
+    "report",
+    "SharingReport",
+]

@@ -1,0 +1,147 @@
+"""Low-level mechanics: pointing a module attribute at a stored tensor.
+
+Every kind installs itself through these few functions, so the rules live in one place:
+
+* a plain use is an entry of ``module._parameters`` (an alias is the same ``nn.Parameter``
+  object registered in several modules);
+* a derived use (transpose, and the learned kinds) is a ``torch.nn.utils.parametrize``
+  parametrization whose first module computes the used tensor. Its ``original`` is the
+  stored tensor itself (for transpose: the source ``nn.Parameter`` object), so
+  ``named_parameters()`` lists each stored tensor once and the optimizer steps it once.
+
+PyTorch refuses to pickle parametrized modules; :func:`make_picklable` gives the injected
+class a ``__reduce_ex__`` that rebuilds it, so ``pickle``/``torch.save(model)`` keep derived
+ties (``copy.deepcopy`` already works).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+__all__ = [
+    "Transposed",
+    "is_derived",
+    "parametrization_of",
+    "set_plain",
+    "set_derived",
+    "remove_derived",
+    "make_picklable",
+]
+
+
+class Transposed(nn.Module):
+    """Parametrization that reads its stored tensor with the first two dimensions swapped.
+
+    ``dec.weight`` becomes ``source.transpose(0, 1)``: a view, no copy; gradients flow into
+    the source. Assigning ``dec.weight = value`` writes ``value`` transposed into the source.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(0, 1)
+
+    def right_inverse(self, x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(0, 1).contiguous()
+
+
+def parametrization_of(module: nn.Module, attr: str) -> nn.Module | None:
+    """The ``ParametrizationList`` of ``module.attr``, or None when it is a plain tensor."""
+    if parametrize.is_parametrized(module, attr):
+        return module.parametrizations[attr]
+    return None
+
+
+def is_derived(module: nn.Module, attr: str, cls: type) -> bool:
+    """Whether ``module.attr`` is computed by exactly one parametrization of type ``cls``."""
+    plist = parametrization_of(module, attr)
+    return plist is not None and len(plist) == 1 and isinstance(plist[0], cls)
+
+
+def remove_derived(module: nn.Module, attr: str) -> None:
+    """Drop the parametrization of ``module.attr`` without touching its stored tensors.
+
+    ``remove_parametrizations(leave_parametrized=True)`` would write into the original with
+    ``set_``, which for a shared original corrupts every other use; this never writes.
+    Afterwards ``module.attr`` is absent from ``_parameters`` until the caller sets it.
+    """
+    if not parametrize.is_parametrized(module, attr):
+        return
+    delattr(module.__class__, attr)
+    del module.parametrizations[attr]
+    if not parametrize.is_parametrized(module):
+        delattr(module, "parametrizations")
+        module.__class__ = module.__class__.__bases__[0]
+
+
+def set_plain(module: nn.Module, attr: str, param: nn.Parameter) -> None:
+    """Make ``module.attr`` the very ``param`` object (an alias when registered elsewhere too)."""
+    remove_derived(module, attr)
+    module._buffers.pop(attr, None)
+    module._parameters[attr] = param
+
+
+def set_derived(module: nn.Module, attr: str, parametrization: nn.Module, original: torch.Tensor | None) -> None:
+    """Make ``module.attr`` computed by ``parametrization`` from ``original``.
+
+    ``original`` is registered as the ``ParametrizationList``'s ``original`` (the same object,
+    never a copy). When it is None the parametrization holds its own stored tensors and
+    ``original`` is an empty placeholder.
+    """
+    remove_derived(module, attr)
+    # A placeholder on the meta device: registering never writes into a tensor that other
+    # modules may share (register_parametrization calls ``set_`` on what it replaces).
+    placeholder = nn.Parameter(torch.empty(0, device="meta"), requires_grad=False)
+    module._buffers.pop(attr, None)
+    module._parameters[attr] = placeholder
+    parametrize.register_parametrization(module, attr, _Placeholder(), unsafe=True)
+    plist = module.parametrizations[attr]
+    plist[0] = parametrization
+    if original is None:
+        original = torch.empty(0, device=_device_of(parametrization))
+        plist._parameters.pop("original", None)
+        plist.register_buffer("original", original)
+    elif isinstance(original, nn.Parameter):
+        plist._buffers.pop("original", None)
+        plist._parameters["original"] = original
+    else:
+        plist._parameters.pop("original", None)
+        plist.register_buffer("original", original)
+    make_picklable(module)
+
+
+class _Placeholder(nn.Module):
+    """Stands in while a parametrization is registered; replaced at once."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - never called
+        return x
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def _reduce_ex(self, protocol):
+    base = parametrize.type_before_parametrizations(self)
+    names = tuple(self.parametrizations.keys())
+    state = dict(self.__dict__)
+    return (_rebuild_parametrized, (base, names), state)
+
+
+def _rebuild_parametrized(base: type, names: tuple[str, ...]) -> nn.Module:
+    module = base.__new__(base)
+    parametrize._inject_new_class(module)
+    for name in names:
+        parametrize._inject_property(module, name)
+    module.__class__.__reduce_ex__ = _reduce_ex
+    return module
+
+
+def make_picklable(module: nn.Module) -> None:
+    """Let ``pickle`` (and ``torch.save(model)``) handle a module parametrized by paramshare."""
+    if parametrize.is_parametrized(module):
+        module.__class__.__reduce_ex__ = _reduce_ex
