@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ._parametrize import Transposed, is_derived, parametrization_of
+from ._parametrize import Transposed, attr_order, is_derived, parametrization_of
 from .errors import SharingError, did_you_mean
 
 __all__ = ["Use", "ModelIndex", "storage_key", "storage_span"]
@@ -97,10 +97,7 @@ class ModelIndex:
         self.modules: dict[str, nn.Module] = {}
         for mname, module in _walk(model):
             self.modules.setdefault(mname, module)
-            attrs = list(module._parameters)
-            if parametrize.is_parametrized(module):
-                attrs += [a for a in module.parametrizations.keys() if a not in attrs]
-            for attr in attrs:
+            for attr in attr_order(module):
                 if attr in module._parameters and module._parameters[attr] is None:
                     continue
                 name = f"{mname}.{attr}" if mname else attr

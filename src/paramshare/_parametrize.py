@@ -28,7 +28,31 @@ __all__ = [
     "set_derived",
     "remove_derived",
     "make_picklable",
+    "attr_order",
 ]
+
+
+def _remember_order(module: nn.Module) -> None:
+    """Record the module's parameter order before a parametrization takes an entry out."""
+    if "_paramshare_order" not in module.__dict__:
+        module.__dict__["_paramshare_order"] = tuple(module._parameters.keys())
+
+
+def attr_order(module: nn.Module) -> list[str]:
+    """The module's parameter names, plain and parametrized, in their original order.
+
+    A parametrization removes its entry from ``_parameters``; the order recorded before that
+    keeps ``find_ties`` and plans identical between a model that was re-tied several times
+    and a fresh one given the same plan.
+    """
+    names = list(module._parameters)
+    if parametrize.is_parametrized(module):
+        names += [a for a in module.parametrizations.keys() if a not in names]
+    recorded = module.__dict__.get("_paramshare_order", ())
+    if not recorded:
+        return names
+    rank = {n: i for i, n in enumerate(recorded)}
+    return sorted(names, key=lambda n: (rank.get(n, len(rank)), names.index(n)))
 
 
 class Transposed(nn.Module):
@@ -79,6 +103,11 @@ def set_plain(module: nn.Module, attr: str, param: nn.Parameter) -> None:
     remove_derived(module, attr)
     module._buffers.pop(attr, None)
     module._parameters[attr] = param
+    if "_paramshare_order" in module.__dict__:
+        order = attr_order(module)
+        items = dict(module._parameters)
+        module._parameters.clear()
+        module._parameters.update((n, items[n]) for n in order if n in items)
 
 
 def set_derived(module: nn.Module, attr: str, parametrization: nn.Module, original: torch.Tensor | None) -> None:
@@ -88,6 +117,7 @@ def set_derived(module: nn.Module, attr: str, parametrization: nn.Module, origin
     never a copy). When it is None the parametrization holds its own stored tensors and
     ``original`` is an empty placeholder.
     """
+    _remember_order(module)
     remove_derived(module, attr)
     # A placeholder on the meta device: registering never writes into a tensor that other
     # modules may share (register_parametrization calls ``set_`` on what it replaces).

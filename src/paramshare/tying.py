@@ -290,7 +290,10 @@ def untie(model: nn.Module, *names: str) -> nn.Module:
     copies: list[Use] = []
     for members in buckets.values():
         selected = [m for m in members if not wanted or m in wanted]
-        if not selected or len(members) < 2:
+        if not selected:
+            continue
+        if len(members) < 2:  # a lone transposed read of a tensor no module holds plainly
+            copies += [index.uses[m] for m in members if index.uses[m].derived]
             continue
         remaining = [m for m in members if m not in selected]
         if len(remaining) >= 2:
