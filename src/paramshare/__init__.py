@@ -16,6 +16,7 @@ Example:
 __version__ = "0.1.0"
 
 from .errors import SharingError
+from .hashing import hash  # noqa: A004 - ps.hash, HashedNets
 from .layers import layer_assignment, share_layers
 from .plans import GroupStats, Kind, SharingPlan, TieGroup, get_kind, kind_names, register_kind
 from .report import SharingReport, report
@@ -43,6 +44,8 @@ __all__ = [
     "check",
     "share_layers",
     "layer_assignment",
+    # learned hard sharing: hashing
+    "hash",
     # reports
     "report",
     "SharingReport",
