@@ -21,6 +21,8 @@ from .layers import layer_assignment, share_layers
 from .plans import GroupStats, Kind, SharingPlan, TieGroup, get_kind, kind_names, register_kind
 from .report import SharingReport, report
 from .tying import apply_plan, check, find_ties, plan, tie, tie_modules, untie
+from .checkpoint import Checkpoint, LoadResult, load, read, save  # noqa: E402 - sharing-aware checkpoints
+from .errors import CheckpointError  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -46,6 +48,13 @@ __all__ = [
     "layer_assignment",
     # learned hard sharing: hashing
     "hash",
+    # checkpoints
+    "save",
+    "load",
+    "read",
+    "LoadResult",
+    "Checkpoint",
+    "CheckpointError",
     # reports
     "report",
     "SharingReport",

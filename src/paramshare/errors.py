@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
-__all__ = ["SharingError", "did_you_mean"]
+__all__ = ["SharingError", "CheckpointError", "did_you_mean"]
 
 
 class SharingError(ValueError):
@@ -13,6 +13,15 @@ class SharingError(ValueError):
 
     Raised before anything is changed: when a paramshare call raises, the model is exactly
     as it was. The message names the problem, shows the values involved and says how to fix it.
+    """
+
+
+class CheckpointError(SharingError):
+    """A checkpoint file that cannot be read, written or loaded into the model.
+
+    The message names the file and the problem. Raised before the model is changed: a load
+    that fails leaves the model exactly as it was; a save that fails leaves any existing
+    file at the path intact.
     """
 
 

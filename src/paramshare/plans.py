@@ -256,6 +256,13 @@ class Kind:
         Names derive from ``group.source`` (the default stores the source parameter under its
         own name). A kind with a compact file form (packed codebook indices, say) returns it
         here and turns it back in :meth:`restore`.
+
+        ``ps.save`` calls it on the live model for every group and writes exactly these
+        tensors: whatever the model keeps under a member's parametrization
+        (``<module>.parametrizations.<attr>.*``) and the tensors :meth:`owned` lists are
+        written only through this hook, so include everything :meth:`restore` needs that
+        the plan (shape, options) does not determine. Integer tensors are entropy-coded when
+        the user passes ``compress=True``; :meth:`restore` always sees them decoded.
         """
         return {group.source: index.stored_param(group.source)}
 
@@ -263,6 +270,8 @@ class Kind:
         """The model's tensors (parameters and buffers) that :meth:`stored` covers.
 
         A checkpoint writes these only through :meth:`stored`, never under their own paths.
+        Called only on a model where the group is installed (``check`` returns ``[]``), except
+        that a kind keeping this default is also asked before installation.
         """
         return [index.stored_param(group.source)]
 
@@ -271,6 +280,16 @@ class Kind:
 
         Called with ``apply=False`` on every group before anything changes, so a bad file
         leaves the model as it was; returns the problems (missing tensor, shape or dtype).
+
+        How ``ps.load`` calls it: when every group is already installed, on the model itself;
+        otherwise the plan is installed on a trial copy of the model (real tensors in the
+        modules that hold the group's members and source, meta tensors elsewhere) and
+        ``apply=False`` runs there. Only when every group passes is the plan installed on
+        the model and ``apply=True`` called, with ``torch.no_grad`` in effect. Look the
+        group's tensors up by name (``tensors[name]``, ``tensors.get(name)``,
+        ``name in tensors``): the names looked up with ``apply=False`` are the group's, and
+        a file tensor that no group and no plain parameter or buffer looks up is reported
+        as unexpected. ``tensors`` may be views of the file: copy, never keep them.
         """
         problems = []
         expected = self.stored(index, group)
