@@ -16,6 +16,7 @@ Example:
 __version__ = "0.1.0"
 
 from .errors import SharingError
+from .gmm import GMMPrior
 from .hashing import hash  # noqa: A004 - ps.hash, HashedNets
 from .layers import layer_assignment, share_layers
 from .plans import GroupStats, Kind, SharingPlan, TieGroup, get_kind, kind_names, register_kind
@@ -48,6 +49,7 @@ __all__ = [
     "layer_assignment",
     # learned hard sharing: hashing
     "hash",
+    "GMMPrior",
     # checkpoints
     "save",
     "load",
