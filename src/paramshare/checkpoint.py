@@ -8,7 +8,8 @@ A paramshare checkpoint is a standard safetensors file:
   persistent buffer is written under its ``state_dict`` name;
 * metadata: ``paramshare.format`` (the format version, ``"1"``), ``paramshare.plan`` (the
   :class:`~paramshare.SharingPlan` as JSON), ``paramshare.aliases`` when buffers outside any
-  tie group share memory (JSON ``{name: stored name}``), ``paramshare.encoding`` when
+  tie group share memory (JSON ``{name: stored name}``; :func:`load` ties the names that are
+  plain parameters of the model, and gives buffers the value), ``paramshare.encoding`` when
   ``compress=True`` entropy-coded integer tensors (JSON ``{name: {codec, dtype, shape}}``), and
   the user's own string metadata.
 
@@ -32,6 +33,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from . import distributed as _distributed
 from ._index import ModelIndex
 from ._stfile import DTYPES, SafetensorsFile, dtype_code, open_file, tensor_bytes, write_file
 from .errors import CheckpointError, SharingError
@@ -378,6 +380,8 @@ def save(
     user = _check_metadata(metadata)
     if not isinstance(model, nn.Module):
         raise CheckpointError(f"ps.save needs an nn.Module, got {type(model).__name__}")
+    if _distributed.gathers(model):  # FSDP2-sharded: gathered on every rank, rank 0 writes
+        return _distributed.save(model, path, metadata=metadata, compress=compress)
     entries, plan, aliases = _collect(model)
     meta = {FORMAT_KEY: str(FORMAT_VERSION), PLAN_KEY: _plan_json(plan)}
     if aliases:
@@ -543,13 +547,14 @@ def load(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> Load
         raise CheckpointError(f"strict must be True or False, got {strict!r}")
     if not isinstance(model, nn.Module):
         raise CheckpointError(f"ps.load needs an nn.Module, got {type(model).__name__}")
+    if _distributed.gathers(model):  # FSDP2-sharded: every rank loads the full tensors, keeps its shard
+        return _distributed.load(model, path, strict=strict)
     parsed = _parse(path)
     p = parsed.file.path
     what = f"cannot load {p!r} into {type(model).__name__}"
     tensors = _FileTensors(parsed)
     index = ModelIndex(model)
-    plan = parsed.plan if parsed.plan is not None else _plan_from_aliases(index, parsed)
-    groups = list(plan or ())
+    groups = list(parsed.plan or ()) + _groups_from_aliases(index, parsed)
 
     # 1. the plan against the model, as it is
     problems = _plan_problems(index, groups)
@@ -618,21 +623,30 @@ def _model_ties(index: ModelIndex) -> list[TieGroup]:
     return _find(index)
 
 
-def _plan_from_aliases(index: ModelIndex, parsed: _Parsed) -> SharingPlan | None:
-    """Alias groups from a plain file's alias metadata (``safetensors.torch.save_model``)."""
+def _groups_from_aliases(index: ModelIndex, parsed: _Parsed) -> list[TieGroup]:
+    """Alias groups for parameters the file stores once under another name.
+
+    The alias metadata of ``safetensors.torch.save_model`` (removed name -> kept name) and
+    ``paramshare.aliases`` say these names held one tensor: the ones that are plain
+    parameters of the model (and in no group of the file's plan) are tied again; buffers
+    just get the value.
+    """
     if not parsed.aliases:
-        return None
+        return []
+    in_plan = {m for g in parsed.plan or () for m in g.members}
     by_kept: dict[str, list[str]] = {}
     for removed, kept in parsed.aliases.items():
         by_kept.setdefault(kept, [kept]).append(removed)
     groups = []
     for kept, names in by_kept.items():
-        uses = [n for n in names if n in index.uses and not index.uses[n].derived]
+        uses = [n for n in names if n in index.uses and not index.uses[n].derived and n not in in_plan]
         if kept not in uses or len(uses) < 2:
             continue
         uses.sort(key=index.position)
-        groups.append(TieGroup("alias", kept, tuple(uses), parsed.file.entries[kept].shape))
-    return SharingPlan(tuple(groups)) if groups else None
+        spec = parsed.encoding.get(kept)
+        shape = tuple(spec["shape"]) if spec is not None else parsed.file.entries[kept].shape
+        groups.append(TieGroup("alias", kept, tuple(uses), shape))
+    return groups
 
 
 def _plan_problems(index: ModelIndex, groups: list[TieGroup]) -> list[str]:

@@ -16,6 +16,8 @@ from . import __version__
 #: name -> (module, one-line help). A subcommand is one module and one line here.
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("paramshare._demo", "tie and share a small model, then print what sharing saved"),
+    "inspect": ("paramshare._cli_inspect", "show what a weights file holds: sizes, plan, exact/transposed/near duplicates"),
+    "dedupe": ("paramshare._cli_dedupe", "write a paramshare checkpoint of a weights file with its duplicates tied"),
 }
 
 
