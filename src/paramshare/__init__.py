@@ -24,6 +24,7 @@ from .report import SharingReport, report
 from .tying import apply_plan, check, find_ties, plan, tie, tie_modules, untie
 from .checkpoint import Checkpoint, LoadResult, load, read, save  # noqa: E402 - sharing-aware checkpoints
 from .errors import CheckpointError  # noqa: E402
+from .growl import GrOWL, growl_tie, owl_norm, owl_regression, owl_weights, prox_owl, tie_rows  # noqa: E402 - GrOWL
 
 __all__ = [
     "__version__",
@@ -50,6 +51,14 @@ __all__ = [
     # learned hard sharing: hashing
     "hash",
     "GMMPrior",
+    # learned sharing: GrOWL (sparsity and tying of correlated features)
+    "owl_weights",
+    "owl_norm",
+    "prox_owl",
+    "GrOWL",
+    "tie_rows",
+    "growl_tie",
+    "owl_regression",
     # checkpoints
     "save",
     "load",
