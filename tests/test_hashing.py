@@ -13,12 +13,15 @@ from torch import nn
 
 import paramshare as ps
 from paramshare._index import ModelIndex
-from paramshare.hashing import HashedWeight, _mix32_int, _seed_offset, hash_index, project_to_budget
+from paramshare.hashing import HashedWeight, _mix32_int, _seed_offset, hash_index, project_to_budget, signed_index
 from paramshare.nn import HashedLinear
 
 
-def _reference_hash(k: int, seed: int) -> int:
-    return _mix32_int((k + _seed_offset(seed)) & 0xFFFFFFFF)
+def _reference_signed_position(i: int, j: int, budget: int, seed: int) -> int:
+    off = _seed_offset(seed)
+    x = _mix32_int((i + off) & 0xFFFFFFFF) ^ _mix32_int((j + (off ^ 0x5BD1E995)) & 0xFFFFFFFF)
+    y = (x * 0x7FEB352D) & 0xFFFFFFFF
+    return (y * 2 * budget) >> 32
 
 
 def _mlp(seed: int = 0) -> nn.Module:
@@ -29,29 +32,39 @@ def _mlp(seed: int = 0) -> nn.Module:
 # ---- the hash -----------------------------------------------------------------------------
 @pytest.mark.parametrize("seed", [0, 1, 12345, -7, 2**40 + 3])
 def test_hash_index_matches_pure_python_reference(seed):
-    n, budget = 1000, 37
-    idx, neg = hash_index(n, budget, seed)
-    assert idx.dtype == torch.int64 and neg.dtype == torch.bool and idx.shape == neg.shape == (n,)
-    for k in range(0, n, 7):
-        x = _reference_hash(k, seed)
-        assert idx[k].item() == (x & 0x7FFFFFFF) % budget
-        assert neg[k].item() == bool(x >> 31)
+    rows, cols, budget = 25, 40, 37
+    idx, neg = hash_index((rows, cols), budget, seed)
+    assert idx.dtype == torch.int64 and neg.dtype == torch.bool and idx.shape == neg.shape == (rows * cols,)
+    for k in range(0, rows * cols, 7):
+        pos = _reference_signed_position(k // cols, k % cols, budget, seed)
+        assert idx[k].item() == pos % budget
+        assert neg[k].item() == (pos >= budget)
+    # higher dimensions hash as (first dimension, the rest flattened)
+    assert torch.equal(hash_index((5, 2, 20), budget, seed)[0], hash_index((5, 40), budget, seed)[0])
+    assert torch.equal(signed_index((rows, cols), budget, seed), torch.where(neg, idx + budget, idx))
 
 
 def test_hash_index_is_deterministic_uniform_and_seed_dependent():
-    n, budget = 200_000, 1000
-    idx, neg = hash_index(n, budget, 3)
-    idx2, neg2 = hash_index(n, budget, 3)
+    shape, budget = (400, 500), 1000
+    n = 400 * 500
+    idx, neg = hash_index(shape, budget, 3)
+    idx2, neg2 = hash_index(shape, budget, 3)
     assert torch.equal(idx, idx2) and torch.equal(neg, neg2)
     assert 0 <= idx.min() and idx.max() < budget
     counts = torch.bincount(idx, minlength=budget).double()
     assert counts.min() > 0
     assert counts.std() < 1.3 * math.sqrt(n / budget)  # binomial spread, no clustering
     assert abs(neg.double().mean().item() - 0.5) < 0.01
-    other, _ = hash_index(n, budget, 4)
+    other, _ = hash_index(shape, budget, 4)
     assert (other == idx).double().mean() < 0.01  # another seed: unrelated positions
-    # neighbouring weights do not land in neighbouring slots
-    assert (idx[1:] - idx[:-1]).abs().double().mean() > budget / 4
+    grid = idx.view(shape)
+    # no row or column structure: two rows (or columns) agree about as often as chance
+    assert (grid[0] == grid[1]).double().mean() < 0.02 and (grid[:, 0] == grid[:, 1]).double().mean() < 0.02
+    rows_equal = (grid[:50, None, :] == grid[None, :50, :]).double().sum().item() - 50 * 500
+    assert rows_equal < 2 * 50 * 49 * 500 / budget  # chance level: 1/budget per pair
+    sign = (~neg).view(shape).double() * 2 - 1
+    # signs are not an outer product of row and column signs (which a layer would absorb)
+    assert torch.linalg.matrix_rank(sign[:20, :20]) > 10
 
 
 # ---- HashedLinear ------------------------------------------------------------------------
@@ -74,7 +87,7 @@ def test_hashed_linear_memory_is_the_budget():
 
 def test_hashed_linear_weight_is_signed_budget_lookup_and_forward_is_linear():
     layer = HashedLinear(12, 7, budget=10, seed=2)
-    idx, neg = hash_index(84, 10, 2)
+    idx, neg = hash_index((7, 12), 10, 2)
     b = layer.budget.detach()
     want = torch.where(neg, -b[idx], b[idx]).view(7, 12)
     assert torch.equal(layer.weight, want)
@@ -106,7 +119,7 @@ def test_budget_gradient_is_signed_sum_of_member_gradients():
     w = layer.weight.detach().requires_grad_()
     (F.linear(x, w, layer.bias).tanh().sum()).backward()
     layer(x).tanh().sum().backward()
-    idx, neg = hash_index(128, 11, 4)
+    idx, neg = hash_index((8, 16), 11, 4)
     g = w.grad.reshape(-1)
     want = torch.zeros(11).index_add_(0, idx, torch.where(neg, -g, g))
     torch.testing.assert_close(layer.budget.grad, want)
@@ -134,6 +147,7 @@ def test_hashed_linear_init_matches_nn_linear_and_options():
         ((4, 3, 0), "budget"),
         ((4, 3, 13), "larger than"),
         ((4, 3, 2.5), "budget"),
+        ((2**16, 2**16, 2**30 + 1), "largest hash budget"),
         ((4, 3, True), "budget"),
     ],
 )
@@ -174,7 +188,7 @@ def test_hash_replaces_linears_in_place_with_least_squares_budgets():
         w0 = dense[i].weight.detach()
         b = m[i].parametrizations.weight.original
         assert b.shape == (round(w0.numel() / 4),)
-        idx, neg = hash_index(w0.numel(), b.numel(), 7)
+        idx, neg = hash_index(w0.shape, b.numel(), 7)
         signed = torch.where(neg, -w0.reshape(-1), w0.reshape(-1))
         mean = torch.zeros(b.numel()).index_add_(0, idx, signed) / torch.bincount(idx, minlength=b.numel()).clamp(min=1)
         torch.testing.assert_close(b.detach(), mean)
@@ -335,7 +349,7 @@ def test_checkpoint_hooks_store_only_the_budget():
 def test_project_to_budget_is_exact_without_collisions():
     w = torch.randn(3, 5)
     budget = 10_000  # sparse enough that these 15 weights almost surely do not collide
-    idx, _ = hash_index(15, budget, 0)
+    idx, _ = hash_index((3, 5), budget, 0)
     assert idx.unique().numel() == 15
     b = project_to_budget([(w, 0)], budget)
     torch.testing.assert_close(HashedWeight((3, 5), budget)(b), w)

@@ -1,8 +1,8 @@
 """HashedNets (Chen et al. 2015): a layer's weights drawn from a small shared budget by a hash.
 
 Virtual weight ``(i, j)`` of a hashed weight is ``budget[h(i, j)] * sign(i, j)``: ``h`` and
-``sign`` come from one deterministic 32-bit integer hash of the flat position ``i * in + j``
-and a seed, computed on the fly at every forward pass. No index tensor is stored, so the
+``sign`` come from one deterministic 32-bit integer hash of ``(i, j)`` and a seed (see
+:func:`signed_index`), computed on the fly at every forward pass. No index tensor is stored, so the
 memory of a hashed weight is its budget; gradients reach the budget (each budget entry gets
 the signed sum of its members' gradients).
 
@@ -32,23 +32,26 @@ from ._index import ModelIndex
 from ._parametrize import is_derived, set_derived
 from .errors import SharingError, did_you_mean
 
-__all__ = ["HASH_NAME", "HashedWeight", "HashedLinear", "hash", "hash_index", "project_to_budget"]
+__all__ = ["HASH_NAME", "MAX_BUDGET", "HashedWeight", "HashedLinear", "hash", "hash_index", "signed_index", "project_to_budget"]
 
 #: Name of the hash function, written into plans so that a future change is detected.
-HASH_NAME = "mix32-v1"
+HASH_NAME = "xormul32-v1"
 
 _M32 = 0xFFFFFFFF
-_MUL = 0x45D9F3B  # < 2**27, so a 32-bit value times it stays below 2**59: exact in int64
-_MAX_NUMEL = 1 << 32
+_MIX = 0x45D9F3B  # < 2**27: a 32-bit value times it stays below 2**59, exact in int64
+_MUL = 0x7FEB352D  # odd and < 2**31: a 32-bit value times it stays below 2**63
+_COL_SALT = 0x5BD1E995
+#: Budgets up to 2**30 values: (32-bit hash) * (2 * budget) must stay below 2**63.
+MAX_BUDGET = 1 << 30
 
 
 def _mix32_int(x: int) -> int:
     """The 32-bit mixing function on a Python int (used for seeds and in tests)."""
     x &= _M32
     x ^= x >> 16
-    x = (x * _MUL) & _M32
+    x = (x * _MIX) & _M32
     x ^= x >> 16
-    x = (x * _MUL) & _M32
+    x = (x * _MIX) & _M32
     x ^= x >> 16
     return x
 
@@ -57,17 +60,51 @@ def _seed_offset(seed: int) -> int:
     return _mix32_int(_mix32_int(seed & _M32) ^ 0x9E3779B9 ^ ((seed >> 32) & _M32))
 
 
-def hash_index(numel: int, budget: int, seed: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Budget positions and signs of the ``numel`` virtual weights of a hashed tensor.
+def _mix32(n: int, offset: int, device) -> torch.Tensor:
+    """``mix32((k + offset) mod 2**32)`` for ``k`` in ``range(n)`` (int64, exact)."""
+    x = torch.arange(n, dtype=torch.int64, device=device).add_(offset).bitwise_and_(_M32)
+    x.bitwise_xor_(x >> 16).mul_(_MIX).bitwise_and_(_M32)
+    x.bitwise_xor_(x >> 16).mul_(_MIX).bitwise_and_(_M32)
+    return x.bitwise_xor_(x >> 16)
 
-    The hash of flat position ``k`` is ``x = mix32((k + offset(seed)) mod 2**32)`` with
-    ``mix32`` a xorshift-multiply integer mixer (all arithmetic exact in int64, so every device
-    gives the same result). The position is ``(x mod 2**31) mod budget`` and the sign is
-    negative when bit 31 of ``x`` is set.
+
+def _rows_cols(shape: Sequence[int]) -> tuple[int, int]:
+    shape = tuple(int(s) for s in shape)
+    rows = shape[0] if shape else 1
+    return rows, (math.prod(shape) // rows if rows else 0)
+
+
+def signed_index(shape: Sequence[int], budget: int, seed: int = 0, device=None) -> torch.Tensor:
+    """Positions of a hashed tensor's virtual weights in the signed budget ``cat([b, -b])``.
+
+    Virtual weight ``(i, j)`` (``i`` the first dimension, ``j`` the flattened others) has
+    ``x = r[i] ^ c[j]`` with ``r``/``c`` the row/column keys ``mix32(i + s)``/``mix32(j + s')``
+    (seed-dependent offsets ``s``, ``s'``; ``mix32`` an xorshift-multiply mixer), then the
+    multiplicative hash ``y = (x * A) mod 2**32`` and the position ``(y * 2 * budget) >> 32``
+    in ``range(2 * budget)``: below ``budget`` reads ``+b[pos]``, above reads
+    ``-b[pos - budget]``. Every operation is exact int64 arithmetic, so every device computes
+    the same index; only two small key vectors and five elementwise passes are needed.
+
+    Returns:
+        An int64 tensor of ``shape``'s number of elements, flat.
+    """
+    rows, cols = _rows_cols(shape)
+    off = _seed_offset(int(seed))
+    r = _mix32(rows, off, device)
+    c = _mix32(cols, off ^ _COL_SALT, device)
+    x = torch.bitwise_xor(r.unsqueeze(1), c.unsqueeze(0)).view(-1)
+    return x.mul_(_MUL).bitwise_and_(_M32).mul_(2 * int(budget)).bitwise_right_shift_(32)
+
+
+def hash_index(shape: Sequence[int], budget: int, seed: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Budget positions and signs of the virtual weights of a hashed tensor of ``shape``.
+
+    Virtual weight ``k`` (flat, row-major) is ``budget[index[k]]``, negated where
+    ``negative[k]``; see :func:`signed_index` for the hash.
 
     Args:
-        numel: number of virtual weights (below 2**32).
-        budget: number of stored weights (at least 1).
+        shape: the virtual tensor's shape.
+        budget: number of stored weights (1 to 2**30).
         seed: any integer; different seeds give unrelated hashes.
         device: where to compute.
 
@@ -75,17 +112,13 @@ def hash_index(numel: int, budget: int, seed: int = 0, device=None) -> tuple[tor
         ``(index, negative)``: an int64 tensor of positions in ``range(budget)`` and a bool tensor.
 
     Example:
-        >>> idx, neg = hash_index(6, 2, seed=0)
+        >>> idx, neg = hash_index((2, 3), 2, seed=0)
         >>> idx.tolist(), neg.tolist()
-        ([0, 1, 1, 0, 0, 1], [True, False, True, True, False, True])
+        ([0, 0, 0, 0, 1, 1], [False, False, False, True, False, False])
     """
-    x = torch.arange(numel, dtype=torch.int64, device=device)
-    x.add_(_seed_offset(int(seed))).bitwise_and_(_M32)
-    x.bitwise_xor_(x >> 16).mul_(_MUL).bitwise_and_(_M32)
-    x.bitwise_xor_(x >> 16).mul_(_MUL).bitwise_and_(_M32)
-    x.bitwise_xor_(x >> 16)
-    negative = (x >> 31).bool()
-    return x.bitwise_and_(0x7FFFFFFF).remainder_(budget), negative
+    pos = signed_index(shape, budget, seed, device)
+    negative = pos >= budget
+    return pos - negative.long() * budget, negative
 
 
 class HashedWeight(nn.Module):
@@ -118,9 +151,8 @@ class HashedWeight(nn.Module):
                 f"a hashed weight of shape {self.shape} reads a budget of {self.budget} values, "
                 f"got a tensor of shape {tuple(budget.shape)}; re-hash with ps.apply_plan(model, plan)"
             )
-        idx, negative = hash_index(self.numel, self.budget, self.seed, budget.device)
-        values = budget[idx]
-        return torch.where(negative, -values, values).view(self.shape)
+        pos = signed_index(self.shape, self.budget, self.seed, budget.device)
+        return torch.cat([budget, -budget]).index_select(0, pos).view(self.shape)
 
     def right_inverse(self, value: torch.Tensor) -> torch.Tensor:
         """The budget whose virtual weight is closest to ``value`` (least squares)."""
@@ -156,7 +188,7 @@ def project_to_budget(values: Iterable[tuple[torch.Tensor, int]], budget: int) -
     counts = torch.zeros(budget, dtype=acc, device=first.device)
     with torch.no_grad():
         for w, seed in values:
-            idx, negative = hash_index(w.numel(), budget, seed, w.device)
+            idx, negative = hash_index(w.shape, budget, seed, w.device)
             v = w.detach().reshape(-1).to(acc)
             sums.index_add_(0, idx, torch.where(negative, -v, v))
             counts.index_add_(0, idx, torch.ones_like(v))
@@ -207,8 +239,8 @@ class HashedLinear(nn.Linear):
                 f"budget {budget} is larger than the {out_features} x {in_features} = {in_features * out_features} "
                 "weights it would hash; use an nn.Linear or a smaller budget"
             )
-        if in_features * out_features >= _MAX_NUMEL:
-            raise SharingError(f"a hashed weight holds fewer than 2**32 values, got {out_features} x {in_features}")
+        if budget > MAX_BUDGET:
+            raise SharingError(f"budget {budget} exceeds the largest hash budget, 2**30 = {MAX_BUDGET}; split the layer")
         factory = {"device": device, "dtype": dtype}
         self.in_features = in_features
         self.out_features = out_features
@@ -344,8 +376,11 @@ def hash(model: nn.Module, ratio: float, include=None, seed: int = 0) -> nn.Modu
         p = use.param
         if not p.is_floating_point():
             raise SharingError(f"ps.hash: {wname!r} is {p.dtype}; only floating-point weights can be hashed")
-        if p.numel() >= _MAX_NUMEL:
-            raise SharingError(f"ps.hash: {wname!r} has {p.numel()} values; a hashed weight holds fewer than 2**32")
+        if ratio * p.numel() > MAX_BUDGET:
+            raise SharingError(
+                f"ps.hash: {wname!r} would get a budget of {round(ratio * p.numel())} values, more than the largest "
+                f"hash budget, 2**30; use a smaller ratio"
+            )
         groups.setdefault(id(p), []).append(wname)
         params[id(p)] = p
     selected = {w for ws in groups.values() for w in ws}

@@ -9,7 +9,6 @@ no index tensor, the hash is recomputed at every forward pass.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import torch
@@ -19,7 +18,7 @@ from .._format import human_bytes
 from .._index import ModelIndex
 from .._parametrize import is_derived, set_derived, set_plain
 from ..errors import did_you_mean
-from ..hashing import _MAX_NUMEL, HASH_NAME, HashedWeight, project_to_budget
+from ..hashing import HASH_NAME, MAX_BUDGET, HashedWeight, project_to_budget
 from ..plans import GroupStats, Kind, TieGroup, register_kind
 from ._common import fmt_shape
 
@@ -89,6 +88,8 @@ class Hash(Kind):
         if problems:
             return problems
         size = group.shape[0]
+        if size > MAX_BUDGET:
+            problems.append(f"the hash group of {group.source!r} has a budget of {size}, more than the largest, 2**30")
         src = index.stored_param(group.source)
         if src is None:
             want = budget_path(group.members[0])
@@ -122,8 +123,6 @@ class Hash(Kind):
             have = hw.shape if hw is not None else tuple(t.shape)
             if tuple(have) != tuple(shape):
                 problems.append(f"{m!r} has shape {fmt_shape(have)} but the plan hashes it as {fmt_shape(shape)}")
-            if math.prod(shape) >= _MAX_NUMEL:
-                problems.append(f"{m!r} has {math.prod(shape)} values; a hashed weight holds fewer than 2**32")
             if not t.is_floating_point():
                 problems.append(f"{m!r} is {t.dtype}; only floating-point weights can be hashed")
             elif ref is None:
