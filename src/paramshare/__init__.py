@@ -24,6 +24,7 @@ from .report import SharingReport, report
 from .tying import apply_plan, check, find_ties, plan, tie, tie_modules, untie
 from .checkpoint import Checkpoint, LoadResult, load, read, save  # noqa: E402 - sharing-aware checkpoints
 from .errors import CheckpointError  # noqa: E402
+from .soft import SoftTie, SoftTieWarning, anchor, group_tie, harden, soft_tie  # noqa: E402 - soft tying
 from .growl import GrOWL, growl_tie, owl_norm, owl_regression, owl_weights, prox_owl, tie_rows  # noqa: E402 - GrOWL
 
 __all__ = [
@@ -59,6 +60,13 @@ __all__ = [
     "tie_rows",
     "growl_tie",
     "owl_regression",
+    # soft tying (penalties between models, toward references, within groups)
+    "soft_tie",
+    "anchor",
+    "group_tie",
+    "harden",
+    "SoftTie",
+    "SoftTieWarning",
     # checkpoints
     "save",
     "load",
