@@ -10,8 +10,8 @@ shape of non-negative integers, offsets inside the file, byte count equal to
 :class:`~paramshare.errors.CheckpointError` naming the file. Tensors are views of a private
 memory map of the file, so opening a large file costs no copy. Nothing is ever unpickled.
 
-The writer lays tensors out in descending element size (each tensor stays aligned, as
-``safetensors`` itself does), pads the header to 8 bytes, and writes atomically: a temporary
+The writer lays tensors out by descending element size, then name (each tensor stays
+aligned, and the layout is the one ``safetensors`` itself writes), pads the header to 8 bytes, and writes atomically: a temporary
 file in the target folder, flushed and fsynced, then renamed over the target. An error
 mid-write leaves an existing file untouched and removes the temporary file; one left by a
 crashed writer is removed by the next write to the same path.
@@ -293,10 +293,8 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
 
 
 def _layout(items: list[tuple[str, torch.dtype, tuple[int, ...], object]]):
-    """Order tensors by descending element size (stable), so each stays aligned."""
-    sized = [(torch.empty((), dtype=dt).element_size(), i) for i, (_, dt, _, _) in enumerate(items)]
-    order = [i for _, i in sorted(sized, key=lambda x: (-x[0], x[1]))]
-    return [items[i] for i in order]
+    """Order tensors by descending element size, then name (as safetensors does): each stays aligned."""
+    return sorted(items, key=lambda it: (-torch.empty((), dtype=it[1]).element_size(), it[0]))
 
 
 def build_header(items, metadata: dict[str, str]) -> tuple[bytes, int]:

@@ -585,7 +585,8 @@ def load(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> Load
     if problems:
         raise CheckpointError(f"{what}:\n  - " + "\n  - ".join(dict.fromkeys(problems)))
     unexpected = [n for n in parsed.file.entries if n not in claimed and n not in consumed]
-    unexpected += [a for a in parsed.aliases if a not in consumed]
+    in_groups = {n for g in groups for n in g.members}
+    unexpected += [a for a in parsed.aliases if a not in consumed and a not in in_groups]
     if strict and (missing or unexpected):
         msg = f"Error(s) in loading {p!r} into {type(model).__name__}:"
         if missing:
