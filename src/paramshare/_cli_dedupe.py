@@ -74,6 +74,7 @@ def dedupe(src, dst, near: float | None = None, min_numel: int = 16) -> dict:
     d = find_duplicates(w, near=near, min_numel=min_numel)
     aliases = dict(w.aliases)
     drop: set[str] = set()
+    protected: set[str] = set()
     n_exact = n_trans = n_near = 0
     for grp in d.exact:
         names = [n for n in grp["names"] if free(n)]
@@ -86,7 +87,7 @@ def dedupe(src, dst, near: float | None = None, min_numel: int = 16) -> dict:
         if free(a) and free(b) and a not in drop and b not in drop and t["dtype"] in ("float16", "bfloat16", "float32", "float64"):
             plan_groups.append(TieGroup("transpose", a, (b,), tuple(w.tensors[a].shape)))
             drop.add(b)
-            fixed.update((a, b))
+            protected.add(a)  # read transposed: it may keep others' values, never take another's
             n_trans += 1
     replaced: dict[str, str] = {}
     if near is not None:
@@ -103,7 +104,7 @@ def dedupe(src, dst, near: float | None = None, min_numel: int = 16) -> dict:
             if center in assigned:
                 continue
             assigned.add(center)
-            for other in sorted(neighbours[center] - assigned, key=pos.__getitem__):
+            for other in sorted(neighbours[center] - assigned - protected, key=pos.__getitem__):
                 assigned.add(other)
                 aliases[other] = center
                 replaced[other] = center

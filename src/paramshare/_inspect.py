@@ -271,17 +271,18 @@ def _signs(n: int, cache: dict) -> torch.Tensor:
     return s
 
 
-def _sketch(x: torch.Tensor, cache: dict) -> torch.Tensor:
-    """Unit-norm sketch of a tensor: signed bucket sums (exact for tensors of <= 512 elements)."""
+def _sketch(x: torch.Tensor, cache: dict) -> tuple[torch.Tensor, bool]:
+    """(unit-norm sketch, tensor is non-zero): signed bucket sums, exact for <= 512 elements."""
     v = x.detach().reshape(-1).to(torch.float32)
     n = v.numel()
+    nonzero = bool(v.any())
     if n > _SKETCH:
         v = v * _signs(n, cache)
         pad = -n % _SKETCH
         if pad:
             v = torch.cat([v, v.new_zeros(pad)])
         v = v.view(-1, _SKETCH).sum(0)
-    return v / v.norm().clamp_min(1e-30)
+    return v / v.norm().clamp_min(1e-30), nonzero
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -308,9 +309,9 @@ def _near(w: WeightsFile, names: list[str], thr: float, min_numel: int) -> tuple
         need_cross = tgroup is not None and frozenset((shape, _t2(shape))) not in done_cross
         if len(group) < 2 and not need_cross:
             continue
-        sk = torch.stack([_sketch(w.tensors[n], cache) for n in group])
-        norms = [float(w.tensors[n].detach().to(torch.float64).norm()) for n in group]
-        ok = torch.tensor([v > 0 for v in norms])
+        sketches = [_sketch(w.tensors[n], cache) for n in group]
+        sk = torch.stack([s for s, _ in sketches])
+        ok = torch.tensor([nz for _, nz in sketches])
         if len(group) >= 2:
             hits = torch.triu((sk @ sk.T >= loose) & ok[:, None] & ok[None, :], diagonal=1)
             for i, j in torch.nonzero(hits).tolist():
@@ -319,9 +320,9 @@ def _near(w: WeightsFile, names: list[str], thr: float, min_numel: int) -> tuple
                     pairs.append(_pair(w, group[i], group[j], c, False))
         if need_cross:
             done_cross.add(frozenset((shape, _t2(shape))))
-            tsk = torch.stack([_sketch(w.tensors[n].transpose(0, 1).contiguous(), cache) for n in tgroup])
-            tnorm = [float(w.tensors[n].detach().to(torch.float64).norm()) for n in tgroup]
-            tok = torch.tensor([v > 0 for v in tnorm])
+            tsketches = [_sketch(w.tensors[n].transpose(0, 1).contiguous(), cache) for n in tgroup]
+            tsk = torch.stack([s for s, _ in tsketches])
+            tok = torch.tensor([nz for _, nz in tsketches])
             hits = (sk @ tsk.T >= loose) & ok[:, None] & tok[None, :]
             if shape == _t2(shape):
                 hits = torch.triu(hits, diagonal=1)  # square: each unordered pair once, never itself
