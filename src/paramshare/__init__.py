@@ -26,9 +26,12 @@ from .checkpoint import Checkpoint, LoadResult, load, read, save  # noqa: E402 -
 from .errors import CheckpointError  # noqa: E402
 from .soft import SoftTie, SoftTieWarning, anchor, group_tie, harden, soft_tie  # noqa: E402 - soft tying
 from .growl import GrOWL, growl_tie, owl_norm, owl_regression, owl_weights, prox_owl, tie_rows  # noqa: E402 - GrOWL
+from . import distributed  # noqa: E402 - ps.distributed: DDP/FSDP2 with ties (fsdp_groups, shard, check_ties)
 
 __all__ = [
     "__version__",
+    # distributed training (ps.distributed.fsdp_groups, shard, check_ties)
+    "distributed",
     # errors
     "SharingError",
     # plans and kinds
