@@ -22,6 +22,7 @@ import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from ._stfile import tensor_bytes
@@ -262,34 +263,51 @@ def _transposed(w: WeightsFile, names: Iterable[str]) -> list[dict]:
     return out
 
 
-def _signs(n: int, cache: dict) -> torch.Tensor:
+def _signs(n: int, cache: dict) -> np.ndarray:
     s = cache.get(n)
     if s is None:
-        g = torch.Generator().manual_seed(0x5EED + n)
-        s = torch.randint(0, 2, (n,), generator=g, dtype=torch.int8).to(torch.float32).mul_(2).sub_(1)
+        rng = np.random.default_rng(0x5EED + n)
+        s = rng.integers(0, 2, n, dtype=np.int8).astype(np.float32) * 2 - 1
         cache[n] = s
     return s
 
 
-def _sketch(x: torch.Tensor, cache: dict) -> tuple[torch.Tensor, bool]:
-    """(unit-norm sketch, tensor is non-zero): signed bucket sums, exact for <= 512 elements."""
-    v = x.detach().reshape(-1).to(torch.float32)
-    n = v.numel()
-    nonzero = bool(v.any())
+def _flat(x: torch.Tensor, transpose: bool = False) -> np.ndarray:
+    """A float32 numpy view (or copy) of a tensor's values, optionally transposed first."""
+    t = x.detach()
+    if t.dtype != torch.float32:
+        t = t.to(torch.float32)
+    a = t.numpy()
+    if transpose:
+        a = np.ascontiguousarray(np.swapaxes(a, 0, 1))
+    return a.reshape(-1)
+
+
+def _sketch(x: torch.Tensor, cache: dict, transpose: bool = False) -> tuple[np.ndarray, bool]:
+    """(unit-norm sketch, tensor is non-zero): signed bucket sums, exact for <= 512 elements.
+
+    NumPy, single-threaded: many small reductions are faster there than in a thread pool.
+    """
+    v = _flat(x, transpose)
+    n = v.size
+    nonzero = bool(np.any(v))
     if n > _SKETCH:
         v = v * _signs(n, cache)
         pad = -n % _SKETCH
         if pad:
-            v = torch.cat([v, v.new_zeros(pad)])
-        v = v.view(-1, _SKETCH).sum(0)
-    return v / v.norm().clamp_min(1e-30), nonzero
+            v = np.concatenate([v, np.zeros(pad, dtype=np.float32)])
+        v = v.reshape(-1, _SKETCH).sum(0, dtype=np.float64)
+    else:
+        v = v.astype(np.float64)
+    norm = float(np.sqrt(v @ v))
+    return v / max(norm, 1e-30), nonzero
 
 
-def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    a = a.detach().reshape(-1).to(torch.float64)
-    b = b.detach().reshape(-1).to(torch.float64)
-    den = (a.norm() * b.norm()).item()
-    return float(torch.dot(a, b).item() / den) if den > 0 else 0.0
+def _cosine(a: torch.Tensor, b: torch.Tensor, transpose_b: bool = False) -> float:
+    x = _flat(a).astype(np.float64)
+    y = _flat(b, transpose_b).astype(np.float64)
+    den = float(np.sqrt(x @ x) * np.sqrt(y @ y))
+    return float(x @ y) / den if den > 0 else 0.0
 
 
 def _near(w: WeightsFile, names: list[str], thr: float, min_numel: int) -> tuple[list[dict], int]:
@@ -310,25 +328,25 @@ def _near(w: WeightsFile, names: list[str], thr: float, min_numel: int) -> tuple
         if len(group) < 2 and not need_cross:
             continue
         sketches = [_sketch(w.tensors[n], cache) for n in group]
-        sk = torch.stack([s for s, _ in sketches])
-        ok = torch.tensor([nz for _, nz in sketches])
+        sk = np.stack([s for s, _ in sketches])
+        ok = np.array([nz for _, nz in sketches])
         if len(group) >= 2:
-            hits = torch.triu((sk @ sk.T >= loose) & ok[:, None] & ok[None, :], diagonal=1)
-            for i, j in torch.nonzero(hits).tolist():
+            hits = np.triu((sk @ sk.T >= loose) & ok[:, None] & ok[None, :], k=1)
+            for i, j in np.argwhere(hits).tolist():
                 c = _cosine(w.tensors[group[i]], w.tensors[group[j]])
                 if c >= thr:
                     pairs.append(_pair(w, group[i], group[j], c, False))
         if need_cross:
             done_cross.add(frozenset((shape, _t2(shape))))
-            tsketches = [_sketch(w.tensors[n].transpose(0, 1).contiguous(), cache) for n in tgroup]
-            tsk = torch.stack([s for s, _ in tsketches])
-            tok = torch.tensor([nz for _, nz in tsketches])
+            tsketches = [_sketch(w.tensors[n], cache, transpose=True) for n in tgroup]
+            tsk = np.stack([s for s, _ in tsketches])
+            tok = np.array([nz for _, nz in tsketches])
             hits = (sk @ tsk.T >= loose) & ok[:, None] & tok[None, :]
             if shape == _t2(shape):
-                hits = torch.triu(hits, diagonal=1)  # square: each unordered pair once, never itself
-            for i, j in torch.nonzero(hits).tolist():
+                hits = np.triu(hits, k=1)  # square: each unordered pair once, never itself
+            for i, j in np.argwhere(hits).tolist():
                 b = tgroup[j]
-                c = _cosine(w.tensors[group[i]], w.tensors[b].transpose(0, 1))
+                c = _cosine(w.tensors[group[i]], w.tensors[b], transpose_b=True)
                 if c >= thr:
                     pairs.append(_pair(w, group[i], b, c, True))
         cache.clear()
