@@ -219,3 +219,9 @@ def test_checkpoint_round_trip_into_fresh_untied_model(case, tmp_path):
     if all(id(t) in params for t in stored):  # the kind stores dense model tensors
         assert data_bytes == ps.report(m).unique_bytes
     assert data_bytes == ck.stored_bytes < ps.report(m).total_bytes
+    # compressed: integer tensors entropy-coded, decoded on load
+    ps.save(m, tmp_path / "z.safetensors", compress=True)
+    fresh = case.build()
+    ps.load(fresh, tmp_path / "z.safetensors")
+    assert ps.find_ties(fresh) == ps.find_ties(m)
+    torch.testing.assert_close(fresh(*x), m(*x), rtol=0, atol=0)
