@@ -55,6 +55,8 @@ CASES = [
     KindCase("hash", _mlp, lambda m: ps.hash(m, 0.25), _x(8), breakable=False),
     # columns of 0.weight: inputs 0, 1, 7 share one vector, 2 and 4 another, 5 and 6 a third; 3 pruned
     KindCase("rows", _mlp, lambda m: (ps.tie_rows(m, "0.weight", [0, 0, 1, -1, 1, 2, 2, 0]), m)[1], _x(8), breakable=False),
+    # tied 0.weight/2.weight clustered once (both read one codebook), 4.weight its own 2-bit codebook
+    KindCase("codebook", _mlp, lambda m: ps.cluster(ps.tie(m, "0.weight", "2.weight"), bits=2, min_numel=1), _x(8)),
 ]
 
 

@@ -28,6 +28,8 @@ from .soft import SoftTie, SoftTieWarning, anchor, group_tie, harden, soft_tie  
 from .growl import GrOWL, growl_tie, owl_norm, owl_regression, owl_weights, prox_owl, tie_rows  # noqa: E402 - GrOWL
 from . import distributed  # noqa: E402 - ps.distributed: DDP/FSDP2 with ties (fsdp_groups, shard, check_ties)
 
+from .cluster import cluster, kmeans1d, uncluster  # noqa: E402 - weight clustering (the codebook kind)
+
 __all__ = [
     "__version__",
     # distributed training (ps.distributed.fsdp_groups, shard, check_ties)
@@ -52,6 +54,10 @@ __all__ = [
     "check",
     "share_layers",
     "layer_assignment",
+    # learned hard sharing: weight clustering
+    "kmeans1d",
+    "cluster",
+    "uncluster",
     # learned hard sharing: hashing
     "hash",
     "GMMPrior",
