@@ -44,7 +44,7 @@ def test_penalty_equals_the_mixture_formula():
     want = _reference_nll(prior, [net[0].weight, net[2].weight])
     assert math.isclose(got, want, rel_tol=1e-9)
     # the negative: biases are not in the default selection, so adding them changes the value
-    with_bias = GMMPrior(net, components=5, include=["*.weight", "*.bias"]).double()
+    with_bias = GMMPrior(net, components=5, include=["0.weight", "2.weight", "0.bias", "2.bias"]).double()
     with torch.no_grad():
         for a, b in zip(with_bias.parameters(), prior.parameters()):
             a.copy_(b)
@@ -162,9 +162,84 @@ def test_refuses_computed_and_integer_weights_and_counts_tied_weights_once(uncha
         GMMPrior(net)
     q = nn.Sequential(nn.Linear(3, 3))
     q[0].weight = nn.Parameter(torch.ones(3, 3, dtype=torch.int64), requires_grad=False)
-    with pytest.raises(ps.SharingError, match="floating-point"):
+    with pytest.raises(ps.SharingError, match="no weight selected"):
         GMMPrior(q)
-    with pytest.raises(ps.SharingError, match="no Linear, Conv or Embedding"):
+    with pytest.raises(ps.SharingError, match="no weight selected"):
         GMMPrior(nn.Sequential(nn.LayerNorm(3)))
+    assert GMMPrior(nn.Sequential(nn.LayerNorm(3)), include="0.weight").names == ("0.weight",)
     tied = ps.tie(nn.Sequential(nn.Linear(5, 5), nn.Linear(5, 5)), "0.weight", "1.weight")
     assert GMMPrior(tied).names == ("0.weight",)
+
+
+# ---- quantize: codebook weights through the codebook kind ---------------------------------
+def _trained_prior(seed: int = 0):
+    net = _net(seed)
+    prior = GMMPrior(net, components=4, pi_zero=0.6, init_std=0.03, hyperprior=None)
+    with torch.no_grad():
+        prior.mean_free.copy_(torch.tensor([-0.2, 0.1, 0.25]))
+    return net, prior
+
+
+def test_quantize_snaps_weights_to_component_means_as_codebook_weights(tmp_path):
+    from paramshare.cluster import get_codebook
+
+    net, prior = _trained_prior()
+    dense = copy.deepcopy(net)
+    want = {n: prior.means.detach()[prior.assign(dict(dense.named_parameters())[n])] for n in prior.names}
+    x = torch.randn(5, 12)
+    assert prior.quantize() is net
+    assert [(g.kind, g.members) for g in ps.find_ties(net)] == [("codebook", ("0.weight",)), ("codebook", ("2.weight",))]
+    for name in prior.names:
+        mod = net.get_submodule(name.rpartition(".")[0])
+        torch.testing.assert_close(mod.weight, want[name])
+        centroids, labels = get_codebook(net, name)
+        used = set(torch.unique(want[name]).tolist())
+        assert set(centroids.detach().tolist()) == used  # only the components the weight uses
+        assert centroids[0].item() == 0.0 and (labels == 0).any()  # the zero component is centroid 0
+    assert torch.equal(net[0].bias, dense[0].bias)  # biases untouched
+    # the forward is the dense forward with the snapped weights
+    ref = copy.deepcopy(dense)
+    with torch.no_grad():
+        for name in prior.names:
+            ref.get_parameter(name).copy_(want[name])
+    torch.testing.assert_close(net(x), ref(x))
+    # centroid 0 is pinned: fine-tuning leaves the pruned weights at exactly zero
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    net(x).square().sum().backward()
+    opt.step()
+    c0, labels0 = get_codebook(net, "0.weight")
+    assert c0[0].item() == 0.0 and (net[0].weight.detach()[labels0 == 0] == 0).all()
+    assert (c0[1:].detach() != torch.tensor(sorted(used - {0.0}))).any()  # the others trained
+    # a checkpoint restores the quantized model into a freshly built dense one
+    ps.save(net, tmp_path / "q.safetensors")
+    fresh = _net(1)
+    ps.load(fresh, tmp_path / "q.safetensors")
+    torch.testing.assert_close(fresh(x), net(x))
+
+
+def test_quantize_another_model_and_refuse_computed_weights(unchanged):
+    net, prior = _trained_prior()
+    twin = copy.deepcopy(net)
+    prior.quantize(twin)
+    assert ps.find_ties(net) == [] and len(ps.find_ties(twin)) == 2
+    with unchanged(twin), pytest.raises(ps.SharingError, match="already computed by Codebook"):
+        prior.quantize(twin)
+    other = ps.hash(_net(), 0.5, include="2")
+    with unchanged(other), pytest.raises(ps.SharingError, match="already computed by HashedWeight"):
+        prior.quantize(other)
+    with pytest.raises(ps.SharingError, match="no parameter"):
+        prior.quantize(nn.Sequential(nn.Linear(12, 10)))
+
+
+def test_quantized_file_is_a_few_bits_per_weight(tmp_path):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(200, 100))
+    prior = GMMPrior(net, components=8)
+    dense_path, q_path, z_path = tmp_path / "d.safetensors", tmp_path / "q.safetensors", tmp_path / "z.safetensors"
+    ps.save(net, dense_path)
+    prior.quantize()
+    ps.save(net, q_path)
+    ps.save(net, z_path, compress=True)
+    dense, q, z = (p.stat().st_size for p in (dense_path, q_path, z_path))
+    assert q < dense / 6  # at most 3 bits per weight for <= 8 components, plus header and bias
+    assert z <= q

@@ -9,62 +9,16 @@ the ``codebook`` sharing kind) that checkpoints store as a few bits per weight.
 
 from __future__ import annotations
 
-import fnmatch
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from ._index import ModelIndex
-from .errors import SharingError, did_you_mean
+from .errors import SharingError
 
-__all__ = ["GMMPrior", "select_weights", "DEFAULT_TYPES"]
-
-#: The layers whose ``weight`` a prior (or clustering) selects by default.
-DEFAULT_TYPES: tuple[type, ...] = (
-    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
-    nn.Embedding,
-)
-
-
-def _patterns(include) -> list[str] | None:
-    if include is None:
-        return None
-    if isinstance(include, str):
-        return [include]
-    if isinstance(include, Iterable):
-        pats = list(include)
-        if pats and all(isinstance(p, str) for p in pats):
-            return pats
-    raise SharingError(f"include must be a name pattern or a list of them (e.g. 'fc*' or ['fc1.weight']), got {include!r}")
-
-
-def select_weights(index: ModelIndex, include, what: str) -> list[str]:
-    """Names of the used parameters ``include`` selects.
-
-    None selects the ``weight`` of every Linear, Conv and Embedding layer; otherwise
-    shell-style patterns match parameter names (``"fc1.weight"``, ``"*.weight"``) or module
-    names (``"fc1"``, which selects its ``weight``). A pattern that matches nothing is an error.
-    """
-    pats = _patterns(include)
-    if pats is None:
-        names = [
-            f"{n}.weight" if n else "weight" for n, m in index.modules.items()
-            if isinstance(m, DEFAULT_TYPES) and ((f"{n}.weight" if n else "weight") in index.uses)
-        ]
-        if not names:
-            raise SharingError(f"{what}: the model has no Linear, Conv or Embedding weights; name parameters with include=")
-        return names
-    chosen: list[str] = []
-    for pat in pats:
-        hit = [u for u in index.uses if fnmatch.fnmatchcase(u, pat)]
-        hit += [f"{n}.weight" for n in index.modules if n and fnmatch.fnmatchcase(n, pat) and f"{n}.weight" in index.uses]
-        if not hit:
-            raise SharingError(f"{what}: pattern {pat!r} matches no parameter" + did_you_mean(pat, index.uses, "parameter"))
-        chosen += [h for h in hit if h not in chosen]
-    return [u for u in index.uses if u in chosen]
-
+__all__ = ["GMMPrior"]
 
 def _gamma_pair(value, what: str) -> tuple[float, float]:
     try:
@@ -109,8 +63,10 @@ class GMMPrior(nn.Module):
     Args:
         model: the model whose weights the prior covers (kept by reference, not as a submodule).
         components: J, the number of mixture components including the zero component (>= 2).
-        include: shell-style pattern(s) of parameter or module names; None selects the
-            weights of every Linear, Conv and Embedding layer. Biases are not selected by default.
+        include: ``fnmatch`` pattern(s) on parameter or module names that narrow the default
+            selection (the weight of every Linear, Conv and Embedding layer); a pattern naming
+            a parameter exactly selects it whatever it is (``"fc1.bias"``). As for
+            :func:`paramshare.cluster`.
         pi_zero: the zero component's mixing weight, fixed (as in the paper); None makes it
             learnable too, starting at 0.99.
         init_std: initial standard deviation of every component; None uses 0.25 for weights
@@ -156,12 +112,19 @@ class GMMPrior(nn.Module):
                     f"hyperprior must be ((alpha0, beta0), (alpha, beta)) or None, got {hyperprior!r}"
                 ) from None
             hyperprior = (_gamma_pair(pair0, "hyperprior[0]"), _gamma_pair(pair, "hyperprior[1]"))
+        from .cluster import select
+
         index = ModelIndex(model)
-        names = select_weights(index, include, "GMMPrior")
+        uses = select(index, include, None, 0)
+        if not uses:
+            raise SharingError(
+                "GMMPrior: no weight selected: the model has no floating-point Linear, Conv or Embedding weight"
+                + (" matching include" if include is not None else "") + "; name parameters with include=[...]"
+            )
         seen: set[int] = set()
         kept: list[str] = []
-        for name in names:
-            use = index.uses[name]
+        for use in uses:
+            name = use.name
             if use.derived:
                 kinds = ", ".join(type(m).__name__ for m in use.plist)
                 raise SharingError(
@@ -276,6 +239,62 @@ class GMMPrior(nn.Module):
             part = flat[start:start + (1 << 20)]
             labels[start:start + part.numel()] = self._log_joint(part.float()).argmax(1)
         return labels.view(weight.shape)
+
+    def quantize(self, model: nn.Module | None = None) -> nn.Module:
+        """Snap every selected weight to the mean of its most responsible component.
+
+        Each weight becomes a ``codebook`` weight (``centroids[labels]``, as
+        :func:`paramshare.cluster` makes them) whose centroids are the component means it
+        uses; the zero component, when used, is centroid 0 and pinned at exactly zero (its
+        weights stay pruned if the centroids are fine-tuned afterwards). ``ps.save`` then
+        stores a few bits per weight (``compress=True`` entropy-codes the labels, which pays
+        off when most weights sit in the zero component).
+
+        Args:
+            model: the model to quantize (default: the one given at construction); it must
+                have the selected weights as plain parameters.
+
+        Returns:
+            the model, changed in place.
+
+        Raises:
+            SharingError: a selected weight that is missing or no longer a plain stored
+                parameter; the model is then unchanged.
+
+        Example:
+            >>> import torch.nn as nn, paramshare as ps
+            >>> net = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 3))
+            >>> prior = ps.GMMPrior(net, components=5)
+            >>> net = prior.quantize()
+            >>> [g.kind for g in ps.find_ties(net)]
+            ['codebook', 'codebook']
+            >>> net[0].weight.unique().numel() <= 5
+            True
+        """
+        from .cluster import set_codebook
+
+        model = self._model if model is None else model
+        index = ModelIndex(model)
+        for name in self.names:
+            use = index.uses.get(name)
+            if use is None:
+                raise SharingError(f"GMMPrior.quantize: the model has no parameter {name!r} (the prior was built for another model)")
+            if use.derived:
+                kinds = ", ".join(type(m).__name__ for m in use.plist)
+                raise SharingError(f"GMMPrior.quantize: {name!r} is already computed by {kinds}; quantize plain weights")
+        means = self.means.detach()
+        plans = []
+        for name in self.names:
+            w = index.uses[name].value()
+            labels = self.assign(w)
+            used = labels.unique()  # sorted; component 0 (the zero) first when used
+            order = torch.cat([used[used == 0], used[used != 0][means[used[used != 0]].argsort()]])
+            remap = torch.empty(self.components, dtype=torch.int64, device=labels.device)
+            remap[order] = torch.arange(order.numel(), device=labels.device)
+            plans.append((name, means[order].to(w.dtype), remap[labels], bool((order == 0).any())))
+        for name, centroids, labels, zero in plans:
+            set_codebook(model, name, centroids, labels, zero=zero)
+        return model
 
     def extra_repr(self) -> str:
         return f"components={self.components}, weights={len(self.names)} tensors, pi_zero={self.pi_zero}"
