@@ -106,6 +106,8 @@ CASES = [
     DistCase("bank", "bank", lambda m: (_template_share()(m.blocks, templates=2, params=("a.weight",)), m)[1]),
     # blocks 0/2 and 1/3 share a base weight; each use adds its own rank-2 delta
     DistCase("delta", "delta", lambda m: _relax()(_layers_shared(m), rank=2)),
+    # blocks 0/2 and 1/3 share weights, each shared weight clustered once into 4 values
+    DistCase("codebook", "codebook", lambda m: ps.cluster(_layers_shared(m), bits=2, include="blocks.*", min_numel=1)),
     # columns of blocks.1.a.weight: inputs 0, 1, 7 share one vector, 2 and 4 another, 5 and 6 a third; 3 pruned
     DistCase("rows", "rows", lambda m: (ps.tie_rows(m, "blocks.1.a.weight", [0, 0, 1, -1, 1, 2, 2, 0]), m)[1]),
 ]
@@ -251,6 +253,19 @@ def suite_ddp(rank: int, world: int, outdir: Path, run) -> None:
 
         run(f"ddp/{case}", ddp_train)
 
+    def ddp_save_load():
+        m = shared("transpose")
+        d = DDP(m)
+        train(d, x, y)
+        path = outdir / "ddp.safetensors"
+        ps.distributed.save(d, path)  # rank 0 writes, the others wait for it
+        fresh = shared("transpose", seed=5)
+        ps.distributed.load(DDP(fresh), path)  # every rank reads the file
+        return {"params": {k: p.detach().clone() for k, p in m.named_parameters()},
+                "loaded": {k: p.detach().clone() for k, p in fresh.named_parameters()}}
+
+    run("ddp-save-load", ddp_save_load)
+
     a, b, t = siamese_data()
     n = BATCH // world
     sa, sb, st = a[rank * n : (rank + 1) * n], b[rank * n : (rank + 1) * n], t[rank * n : (rank + 1) * n]
@@ -279,7 +294,14 @@ def suite_ddp(rank: int, world: int, outdir: Path, run) -> None:
                 m.blocks[0].a.weight[0, 0] += 1e-3
         return {"problems": ps.distributed.check_ties(m)}
 
+    def labels_differ():  # the same kind and members, other labels: only the options differ
+        m = build()
+        labels = [0, 0, 1, -1, 1, 2, 2, 0] if rank == 0 else [0, 1, 1, -1, 1, 2, 2, 0]
+        ps.tie_rows(m, "blocks.1.a.weight", labels)
+        return {"problems": ps.distributed.check_ties(m)}
+
     run("check_ties/ties-differ", ties_differ)
+    run("check_ties/options-differ", labels_differ)
     run("check_ties/values-differ", values_differ)
     # the negative control last: reentrant checkpointing of a module used twice, plain DDP
     def reentrant_plain_ddp():

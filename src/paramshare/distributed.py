@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import json
 import sys
 from collections.abc import Iterable
 from typing import Any
@@ -238,14 +239,19 @@ def _constraints(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
     out: list[tuple[str, list[nn.Module]]] = []
     holders: dict[int, list[nn.Module]] = {}
     names: dict[int, str] = {}
+    params: set[int] = set()
     for mname, m in model.named_modules(remove_duplicate=False):
         for attr, t in list(m._parameters.items()) + list(m._buffers.items()):
             if t is None:
                 continue
             holders.setdefault(id(t), []).append(m)
             names.setdefault(id(t), f"{mname}.{attr}" if mname else attr)
+            if attr in m._parameters:
+                params.add(id(t))
+    # FSDP2 shards parameters; a buffer shared by several blocks (a rotary cache, say) is no
+    # reason to merge them unless a tie group owns it (below)
     for key, mods in holders.items():
-        if len({id(m) for m in mods}) > 1:
+        if key in params and len({id(m) for m in mods}) > 1:
             out.append((f"tensor {names[key]!r}", mods))
     index = ModelIndex(model)
     for group in _find(index):
@@ -498,13 +504,12 @@ def _digest(t: torch.Tensor) -> str:
 
 
 def _local_summary(model: nn.Module) -> dict:
-    """What this rank holds: its plan, and a digest of every stored tensor's local values."""
-    from .tying import plan as _plan
-
+    """What this rank holds: its tie groups, and a digest of every stored tensor's local values."""
     DTensor = _dtensor_cls()
     index = ModelIndex(model)
     groups = _find(index)
-    plan_lines = [str(g) for g in groups]
+    # compared in full (shapes and options too: a codebook's labels, a hash seed), shown short
+    plan_lines = {json.dumps(g.to_dict(), sort_keys=True): str(g) for g in groups}
     tensors: list[tuple[str, torch.Tensor]] = list(index.unique_params())
     seen = {id(t) for _, t in tensors}
     for g in groups:
@@ -535,7 +540,13 @@ def _local_summary(model: nn.Module) -> dict:
             )
             continue
         values[name] = (key, tuple(t.shape), str(t.dtype), _digest(local))
-    return {"plan": plan_lines, "values": values, "problems": local_problems, "json": _plan(model).to_json()}
+    return {"plan": plan_lines, "values": values, "problems": local_problems}
+
+
+def _short(group_json: str, limit: int = 160) -> str:
+    d = json.loads(group_json)
+    text = json.dumps({k: d[k] for k in ("shape", "options") if k in d}, sort_keys=True)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def check_ties(model: nn.Module, max_names: int = 8) -> list[str]:
@@ -572,15 +583,21 @@ def check_ties(model: nn.Module, max_names: int = 8) -> list[str]:
     problems: list[str] = []
     for r, s in enumerate(everyone):
         problems += [f"rank {r}: {p}" for p in s["problems"]]
-    ref = everyone[0]
-    ref_plan = set(ref["plan"])
+    ref_plan = everyone[0]["plan"]
     for r in range(1, world):
-        s = everyone[r]
-        mine_plan = set(s["plan"])
-        if mine_plan != ref_plan:
-            only0 = sorted(ref_plan - mine_plan)
-            only_r = sorted(mine_plan - ref_plan)
+        mine_plan = everyone[r]["plan"]
+        if set(mine_plan) != set(ref_plan):
+            gone = {ref_plan[k]: k for k in set(ref_plan) - set(mine_plan)}
+            new = {mine_plan[k]: k for k in set(mine_plan) - set(ref_plan)}
+            both = sorted(set(gone) & set(new))  # same members, other shape or options
+            only0 = sorted(set(gone) - set(new))
+            only_r = sorted(set(new) - set(gone))
             msg = f"rank {r}'s ties differ from rank 0's"
+            for shown in both:
+                msg += (
+                    f"; {shown} has another shape or options on rank {r}: "
+                    f"{_short(new[shown])} (rank 0: {_short(gone[shown])})"
+                )
             if only0:
                 msg += f"; only rank 0 has: {'; '.join(only0)}"
             if only_r:
@@ -591,7 +608,7 @@ def check_ties(model: nn.Module, max_names: int = 8) -> list[str]:
     for r, s in enumerate(everyone):
         for name, (key, shape, dtype, digest) in s["values"].items():
             by_key.setdefault((name, key), {})[r] = (shape, dtype, digest)
-    differing: dict[int, list[str]] = {}
+    differing: dict[int, list[tuple[str, int]]] = {}
     for (name, _), per_rank in by_key.items():
         ranks = sorted(per_rank)
         first = per_rank[ranks[0]]
@@ -613,13 +630,24 @@ def check_ties(model: nn.Module, max_names: int = 8) -> list[str]:
 
 # ---- state of a sharded model ---------------------------------------------------------------
 def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor], strict: bool = True) -> nn.Module:
-    """Collective: load a full state dict into an FSDP2-sharded model; every rank slices its shard.
+    """Collective: load a full state dict into an FSDP2-sharded model; every rank keeps its shard.
 
-    Every rank must pass the full state dict (every rank read the file). A model that is not
-    sharded loads it with ``load_state_dict``.
+    Every rank must pass the full state dict (e.g. ``state_dict()`` of the same model built
+    unsharded, as after meta-device init and ``to_empty``). Tied entries may appear under each
+    of their names, as ``state_dict()`` lists them. A model that is not sharded loads it with
+    ``load_state_dict``.
+
+    Args:
+        model: the sharded (or plain, or DDP-wrapped) model.
+        state: the full state dict: names as ``model.state_dict()`` has them, full shapes.
+        strict: as for ``load_state_dict``.
 
     Returns:
         ``model``.
+
+    Raises:
+        SharingError: a sharded model without an initialised process group.
+        RuntimeError: missing, unexpected or mis-shaped entries (from PyTorch).
 
     Example (on every rank):
         >>> ps.distributed.load_full_state_dict(sharded, torch.load("full.pt", weights_only=True))  # doctest: +SKIP
@@ -640,7 +668,23 @@ _GATHERED: set[int] = set()  # ids of models inside :func:`gathered` on this pro
 
 
 def gathers(model: nn.Module) -> bool:
-    """Whether ``ps.save``/``ps.load`` must gather ``model`` first (sharded, not already gathered)."""
+    """Whether ``ps.save``/``ps.load`` hand ``model`` to :func:`save`/:func:`load` of this module.
+
+    True for an FSDP2-sharded model, except inside :class:`gathered` (where its tensors are
+    whole already). ``paramshare.checkpoint`` asks this first thing; it costs nothing while
+    ``torch.distributed.fsdp`` has not been imported.
+
+    Args:
+        model: any module.
+
+    Returns:
+        bool.
+
+    Example:
+        >>> import torch.nn as nn, paramshare as ps
+        >>> ps.distributed.gathers(nn.Linear(2, 2))
+        False
+    """
     return is_sharded(model) and id(model) not in _GATHERED
 
 
