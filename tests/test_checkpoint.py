@@ -631,3 +631,26 @@ def test_real_minilm_round_trips_into_a_freshly_built_model(minilm, tmp_path):
     assert res.missing == []
     with torch.no_grad():
         assert torch.equal(fresh2(**enc).last_hidden_state, ref)
+
+
+def test_a_kind_that_refuses_the_files_tensors_on_the_trial_copy_leaves_the_model_alone(tmp_path):
+    def mlp():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8))
+
+    hashed = ps.hash(mlp(), 0.25)
+    g = next(g for g in ps.find_ties(hashed) if g.kind == "hash")
+    ps.save(hashed, tmp_path / "h.safetensors")
+    n, head = header_of(tmp_path / "h.safetensors")
+    (size,) = head[g.source]["shape"]
+    assert size % 2 == 0
+    bad = dict(head, **{g.source: dict(head[g.source], shape=[size // 2, 2])})  # same bytes, another shape
+    rewrite(tmp_path / "h.safetensors", tmp_path / "bad.safetensors", header=bad)
+    fresh = mlp()
+    before = snapshot(fresh)
+    with pytest.raises(ps.CheckpointError, match="shape"):
+        ps.load(fresh, tmp_path / "bad.safetensors")
+    assert_unchanged(fresh, before)
+    assert ps.find_ties(fresh) == []
+    ps.load(fresh, tmp_path / "h.safetensors")  # the good file installs the hash kind
+    assert ps.find_ties(fresh) == ps.find_ties(hashed)

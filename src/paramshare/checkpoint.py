@@ -568,7 +568,13 @@ def load(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> Load
         target = index
     else:
         trial = _trial_copy(model, index, groups, what)
-        _install(trial, groups)
+        try:
+            _install(trial, groups)
+        except Exception as e:  # the model itself is untouched
+            raise CheckpointError(
+                f"{what}: installing the file's sharing plan on a trial copy failed ({type(e).__name__}: {e}); "
+                "impose the plan first (ps.apply_plan(model, ps.read(path).plan)) and load again"
+            ) from None
         target = ModelIndex(trial)
     try:
         for g in groups:
@@ -683,16 +689,33 @@ def _host(index: ModelIndex, name: str) -> str | None:
 
 
 def _trial_copy(model: nn.Module, index: ModelIndex, groups: list[TieGroup], what: str) -> nn.Module:
-    """A copy of the model to install the plan on: real tensors in the groups' modules, meta elsewhere."""
-    hosts = {h for g in groups for n in (*g.members, g.source) if (h := _host(index, n)) is not None}
-    real: set[int] = set()
-    for h in hosts:
-        m = index.modules[h]
-        real.update(id(t) for t in m.parameters())
-        real.update(id(t) for t in m.buffers())
+    """A copy of the model to install the plan on, sharing or copying only what installation reads.
+
+    Tensors in modules that hold members or sources of kinds that only re-point uses
+    (``shares_backing``: alias, transpose; their installation never writes into a tensor)
+    are shared with the model; those of other kinds' modules are copied; every other
+    tensor becomes a meta tensor (no memory).
+    """
+    def tensors_of(names) -> set[int]:
+        out: set[int] = set()
+        for n in names:
+            h = _host(index, n)
+            if h is not None:
+                m = index.modules[h]
+                out.update(id(t) for t in m.parameters())
+                out.update(id(t) for t in m.buffers())
+        return out
+
+    pointer = [g for g in groups if get_kind(g.kind).shares_backing]
+    other = [g for g in groups if not get_kind(g.kind).shares_backing]
+    copied = tensors_of(n for g in other for n in (*g.members, g.source))
+    shared = tensors_of(n for g in pointer for n in (*g.members, g.source)) - copied
     memo: dict[int, object] = {}
     for _, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
-        if id(t) in real or id(t) in memo:
+        if id(t) in copied or id(t) in memo:
+            continue
+        if id(t) in shared:
+            memo[id(t)] = t
             continue
         ghost = torch.empty_like(t, device="meta")
         memo[id(t)] = nn.Parameter(ghost, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else ghost
