@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import paramshare as ps
+from paramshare.cluster.bits import unpack_bits
 from paramshare.growl import _pav_clip
 
 from conftest import assert_unchanged, snapshot
@@ -466,7 +467,7 @@ def test_growl_tie_makes_real_ties_that_find_ties_and_report_see():
     assert r.total_params == ps.report(_mlp()).total_params
     row = r.rows[0]
     assert row.stats.used_numel == 24 and row.stats.stored_numel == 8
-    assert row.stats.saved_bytes == 24 * 4 - 8 * 4 - 6  # six int8 labels
+    assert row.stats.saved_bytes == 24 * 4 - 8 * 4 - 2  # six labels in 0..2 packed at 2 bits: 2 bytes
     assert "1 pruned" in row.stats.detail and "rows" in str(r)
     # the tied columns are one tensor's rows: exactly equal, pruned column exactly zero
     W = m[0].weight
@@ -560,7 +561,9 @@ def test_checkpoint_round_trip_restores_the_row_ties(tmp_path):
     path = tmp_path / "tied.safetensors"
     ps.save(m, path)
     ck = ps.read(path)
-    assert ck.tensors["0.parametrizations.weight.original.labels"].tolist() == [0, 0, -1, 1, 0, 1]
+    packed = ck.tensors["0.parametrizations.weight.original.labels"]
+    assert packed.dtype == torch.uint8 and packed.numel() == 2  # labels + 1 at 2 bits each
+    assert (unpack_bits(packed, 2, 6) - 1).tolist() == [0, 0, -1, 1, 0, 1]
     fresh = _mlp()
     assert ps.find_ties(fresh) == []
     assert ps.load(fresh, path) == ps.LoadResult([], [])
@@ -570,7 +573,7 @@ def test_checkpoint_round_trip_restores_the_row_ties(tmp_path):
     dense = tmp_path / "dense.safetensors"
     ps.save(_mlp(), dense)
     data = path.stat().st_size - ck.header_bytes
-    assert data == (2 * 4 + 4 + 12 + 3) * 4 + 6  # vectors, biases, layer 2, six int8 labels
+    assert data == (2 * 4 + 4 + 12 + 3) * 4 + 2  # vectors, biases, layer 2, the packed labels
     assert data < dense.stat().st_size - ps.read(dense).header_bytes
     # negative: a model whose first layer has another shape cannot take the file, and is unchanged
     other = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
@@ -578,6 +581,18 @@ def test_checkpoint_round_trip_restores_the_row_ties(tmp_path):
     with pytest.raises(ps.CheckpointError):
         ps.load(other, path)
     assert_unchanged(other, before)
+
+
+def test_a_fully_pruned_weight_stores_nothing_and_round_trips(tmp_path):
+    m = _mlp()
+    ps.tie_rows(m, "0.weight", [-1] * 6)
+    assert torch.equal(m[0].weight, torch.zeros(4, 6))
+    assert ps.report(m).unique_params == 4 + 15  # only the biases and layer 2
+    path = tmp_path / "pruned.safetensors"
+    ps.save(m, path, compress=True)
+    fresh = _mlp()
+    ps.load(fresh, path)
+    assert ps.find_ties(fresh) == ps.find_ties(m) and torch.equal(fresh[0].weight, torch.zeros(4, 6))
 
 
 def test_checkpoint_with_other_labels_is_refused(tmp_path):
@@ -589,8 +604,15 @@ def test_checkpoint_with_other_labels_is_refused(tmp_path):
     ps.tie_rows(target, "0.weight", [1, 0, -1, 1, 0, 1])  # tied otherwise
     index = ps._index.ModelIndex(target)
     group = ps.plan(m).groups[0]
-    problems = ps.get_kind("rows").restore(index, group, ps.read(path).tensors, False)
-    assert any("does not read shared rows" in p or "labels" in p or "does not match" in p for p in problems)
+    kind = ps.get_kind("rows")
+    tensors = ps.read(path).tensors
+    problems = kind.restore(index, group, tensors, False)
+    assert len(problems) == 1 and "does not match how '0.weight' ties its slices" in problems[0]
+    # positive: the model the file came from accepts it
+    assert kind.restore(ps._index.ModelIndex(m), group, tensors, False) == []
+    # and ps.load imposes the file's plan, so the otherwise-tied model ends up like the saved one
+    ps.load(target, path)
+    assert ps.find_ties(target) == ps.find_ties(m)
 
 
 @pytest.mark.parametrize(

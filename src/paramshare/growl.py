@@ -281,7 +281,7 @@ def prox_owl(v, w) -> torch.Tensor:
 # ---- GrOWL on the slices of weight matrices -----------------------------------------------------
 def _slice_norms(p: torch.Tensor, dim: int) -> torch.Tensor:
     """Euclidean norm of each slice ``p.select(dim, j)`` (float64)."""
-    return torch.linalg.vector_norm(p.detach().to(torch.float64), dim=1 - dim)
+    return torch.linalg.vector_norm(p.detach(), dim=1 - dim).to(torch.float64)
 
 
 class GrOWL:
@@ -391,9 +391,9 @@ class GrOWL:
         for group in self.param_groups:
             dim = group["dim"]
             for p in group["params"]:
-                norms = _slice_norms(p, dim)
+                norms = _slice_norms(p, dim).cpu()
                 w = self._w(group, norms.numel()) * lr
-                new = _prox_sorted_vector(norms, w)
+                new = torch.from_numpy(_prox_np(norms.numpy(), w.numpy()))
                 scale = torch.where(norms > 0, new / norms.clamp_min(1e-300), torch.zeros_like(norms))
                 scale = scale.to(device=p.device, dtype=p.dtype)
                 p.mul_(scale.unsqueeze(0) if dim == 1 else scale.unsqueeze(1))
@@ -424,17 +424,8 @@ class GrOWL:
         return "GrOWL(" + "; ".join(parts) + ")"
 
 
-def _prox_sorted_vector(norms: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """The OWL prox of a vector of non-negative norms (float64, CPU result on norms' device)."""
-    a = norms.to(device="cpu", dtype=torch.float64)
-    u, perm = a.sort(descending=True)
-    x_sorted = _prox_sorted(u.unsqueeze(0), w.to(torch.float64).unsqueeze(0))[0]
-    out = torch.empty_like(x_sorted).scatter_(0, perm, x_sorted)
-    return out.to(norms.device)
-
-
 # ---- tying the slices ---------------------------------------------------------------------------
-def _rows_target(index: ModelIndex, name: str, dim, explicit: bool) -> str | None:
+def _rows_target(index: ModelIndex, name: str) -> str | None:
     """Why the use ``name`` cannot get rows sharing (None when it can)."""
     use = index.use(name)
     if use.derived:
@@ -507,7 +498,7 @@ def tie_rows(model: nn.Module, name: str, labels: Sequence[int], dim: int = 1) -
     """
     _check_dim(dim)
     index = ModelIndex(model)
-    why = _rows_target(index, name, dim, True)
+    why = _rows_target(index, name)
     if why:
         raise SharingError("cannot tie the slices of " + why)
     if isinstance(labels, torch.Tensor):
@@ -610,7 +601,7 @@ def growl_tie(
         raise SharingError(f"prune_tol must be a non-negative number, got {prune_tol!r}")
     index = ModelIndex(model)
     if names is None:
-        selected = [n for n in index.uses if _rows_target(index, n, dim, False) is None]
+        selected = [n for n in index.uses if _rows_target(index, n) is None]
     else:
         if isinstance(names, str):
             names = [names]
@@ -618,7 +609,7 @@ def growl_tie(
         if len(set(selected)) != len(selected):
             raise SharingError(f"a parameter is named twice: {selected}")
         for n in selected:
-            why = _rows_target(index, n, dim, True)
+            why = _rows_target(index, n)
             if why:
                 raise SharingError("cannot tie the slices of " + why)
     groups = []
@@ -644,12 +635,6 @@ def growl_tie(
 
 
 # ---- a small solver for linear models -----------------------------------------------------------
-def _owl_dual_norm(u: torch.Tensor, w: torch.Tensor) -> float:
-    """``max_k (sum_{i<=k} |u|_[i]) / (sum_{i<=k} w_i)``: the dual of the OWL norm (w[0] > 0)."""
-    s = u.abs().sort(descending=True).values.cumsum(0)
-    return float((s / w.cumsum(0)).max())
-
-
 def owl_regression(
     X,
     y,
@@ -694,9 +679,11 @@ def owl_regression(
         >>> np.round(b, 2).tolist()   # the three correlated features tied, the noise dropped
         [0.97, 0.97, 0.97, -0.0, 0.0]
     """
+    import numpy as np
+
     as_numpy = not isinstance(X, torch.Tensor)
     Xt = _as_tensor(X, "X").to(torch.float64)
-    yt = _as_tensor(y, "y").to(torch.float64).to(Xt.device)
+    yt = _as_tensor(y, "y").to(torch.float64)
     if Xt.dim() != 2:
         raise SharingError(f"X must be a matrix (n samples, p features), got shape {fmt_shape(Xt.shape)}")
     if yt.dim() == 2 and yt.shape[1] == 1:
@@ -707,37 +694,44 @@ def owl_regression(
         raise SharingError("X and y must be finite (no inf or nan)")
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise SharingError(f"max_iter must be a positive integer, got {max_iter!r}")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
+        raise SharingError(f"tol must be a positive number, got {tol!r}")
     n, p = Xt.shape
-    w = owl_weights(p, kind, lambda1, lambda2).to(Xt.device)
-    b = torch.zeros(p, dtype=torch.float64, device=Xt.device)
+    device = Xt.device
+    w = owl_weights(p, kind, lambda1, lambda2).numpy()
+    # a small dense problem: numpy float64 on the CPU (per-iteration overhead matters more than flops)
+    Xn, yn = Xt.cpu().numpy(), yt.cpu().numpy()
+    b = np.zeros(p)
     if init is not None:
-        b0 = _as_tensor(init, "init").to(torch.float64).to(Xt.device).reshape(-1)
-        if b0.numel() != p:
-            raise SharingError(f"init must have {p} entries (one per feature), got {b0.numel()}")
-        b = b0.clone()
+        b0 = _as_tensor(init, "init").to(torch.float64).cpu().reshape(-1).numpy()
+        if b0.size != p:
+            raise SharingError(f"init must have {p} entries (one per feature), got {b0.size}")
+        b = b0.copy()
+
+    def out(v):
+        return v if as_numpy else torch.from_numpy(v).to(device)
+
     if p == 0 or n == 0:
-        return b.cpu().numpy() if as_numpy else b
+        return out(b)
     gram = n >= p
     if gram:
-        G = Xt.t() @ Xt
-        Xty = Xt.t() @ yt
-        L = float(torch.linalg.eigvalsh(G)[-1])
+        G = Xn.T @ Xn
+        Xty = Xn.T @ yn
+        L = float(np.linalg.eigvalsh(G)[-1])
     else:
-        L = float(torch.linalg.matrix_norm(Xt, ord=2)) ** 2
+        L = float(np.linalg.norm(Xn, 2)) ** 2
     if L <= 0:
-        return torch.zeros_like(b).cpu().numpy() if as_numpy else torch.zeros_like(b)
-    w_step = (w / L).cpu()
-    yy = float(yt @ yt)
+        return out(np.zeros(p))
+    w_step = w / L
+    yy = float(yn @ yn)
+    w_cum = np.cumsum(w)
 
     def grad(v):
-        return G @ v - Xty if gram else Xt.t() @ (Xt @ v - yt)
+        return G @ v - Xty if gram else Xn.T @ (Xn @ v - yn)
 
-    def prox(v):
-        return _prox_sorted_vector_signed(v, w_step)
-
-    z, t = b.clone(), 1.0
+    z, t = b.copy(), 1.0
     for it in range(max_iter):
-        b_new = prox(z - grad(z) / L)
+        b_new = _prox_np(z - grad(z) / L, w_step)
         # adaptive restart (O'Donoghue & Candes): drop the momentum when it points uphill
         if float((z - b_new) @ (b_new - b)) > 0:
             t = 1.0
@@ -745,23 +739,32 @@ def owl_regression(
         z = b_new + ((t - 1.0) / t_new) * (b_new - b)
         b, t = b_new, t_new
         if it % 10 == 9 or it == max_iter - 1:
-            r = yt - Xt @ b
-            primal = 0.5 * float(r @ r) + float((b.abs().sort(descending=True).values * w).sum())
-            if float(w[0]) > 0:
-                scale = max(1.0, _owl_dual_norm((Xt.t() @ r).cpu(), w.cpu()))
+            r = yn - Xn @ b
+            primal = 0.5 * float(r @ r) + float(np.sort(np.abs(b))[::-1] @ w)
+            if w[0] > 0:
+                # dual point: the residual scaled into the dual-norm ball of the OWL norm
+                c = np.cumsum(np.sort(np.abs(Xn.T @ r))[::-1])
+                scale = max(1.0, float(np.max(c / w_cum)))
                 theta = r / scale
-                dual = 0.5 * yy - 0.5 * float((yt - theta) @ (yt - theta))
+                dual = 0.5 * yy - 0.5 * float((yn - theta) @ (yn - theta))
                 if primal - dual <= tol * max(primal, 1e-300):
                     break
-            elif float(torch.linalg.vector_norm(Xt.t() @ r)) <= tol * max(1.0, math.sqrt(yy)):
+            elif float(np.linalg.norm(Xn.T @ r)) <= tol * max(1.0, math.sqrt(yy)):
                 break
-    return b.cpu().numpy() if as_numpy else b
+    return out(b)
 
 
-def _prox_sorted_vector_signed(v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """The OWL prox of one float64 vector (no checks)."""
-    a = v.abs().cpu()
-    u, perm = a.sort(descending=True)
-    x_sorted = _prox_sorted(u.unsqueeze(0), w.unsqueeze(0))[0]
-    x = torch.empty_like(x_sorted).scatter_(0, perm, x_sorted)
-    return x.to(v.device) * torch.sign(v)
+def _prox_np(v, w):
+    """The OWL prox of one float64 numpy vector (no checks)."""
+    import numpy as np
+
+    a = np.abs(v)
+    perm = np.argsort(-a, kind="stable")
+    z = a[perm] - w
+    if z.size > 1 and not bool((z[:-1] >= z[1:]).all()):
+        z = np.asarray(_pav_clip(z.tolist()))
+    else:
+        z = np.maximum(z, 0.0)
+    x = np.empty_like(z)
+    x[perm] = z
+    return np.sign(v) * x

@@ -11,8 +11,8 @@ The labels are the structure of the tie, so the plan carries them (``options["la
 ``options["dim"]``): ``apply_plan`` on a fresh model reproduces the exact tying, and ``check``
 compares them. In the module they are a Python tuple (with a per-device index tensor built
 on first use), so ``to_empty``, ``load_state_dict(assign=True)``, ``deepcopy``, pickling and
-dtype or device moves never lose or corrupt them. Checkpoints store them as a small integer
-tensor next to the vectors (:meth:`Rows.stored`).
+dtype or device moves never lose or corrupt them. Checkpoints store them next to the vectors,
+``labels + 1`` bit-packed at ``ceil(log2(k + 1))`` bits each (:meth:`Rows.stored`).
 """
 
 from __future__ import annotations
@@ -24,20 +24,11 @@ from torch import nn
 
 from .._index import ModelIndex, Use
 from .._parametrize import Transposed, remove_derived, set_derived, set_plain
-from ..errors import SharingError
+from ..cluster.bits import bits_for, pack_bits, packed_size, unpack_bits
 from ..plans import GroupStats, Kind, TieGroup, register_kind
 from ._common import fmt_shape
 
-__all__ = ["SharedRows", "Rows", "rows_source", "labels_dtype"]
-
-
-def labels_dtype(k: int) -> torch.dtype:
-    """The smallest signed integer dtype that holds labels ``-1 .. k-1`` (file form)."""
-    if k < 2**7:
-        return torch.int8
-    if k < 2**15:
-        return torch.int16
-    return torch.int32
+__all__ = ["SharedRows", "Rows", "rows_source"]
 
 
 def rows_source(use_name: str) -> str:
@@ -308,20 +299,20 @@ class Rows(Kind):
             set_plain(use.module, use.attr, nn.Parameter(value, requires_grad=requires_grad))
 
     def extra_bytes(self, index: ModelIndex, group: TieGroup) -> int:
-        """The labels, one small integer per slice (their file form)."""
+        """The labels in their file form: ``labels + 1`` packed at ``bits_for(k + 1)`` bits each."""
         p = _shared_rows(index.uses.get(group.members[0]))
         if p is None:
             return 0
-        return len(p.labels) * torch.empty(0, dtype=labels_dtype(p.k)).element_size()
+        return packed_size(len(p.labels), bits_for(p.k + 1))
 
     # ---- checkpoints -----------------------------------------------------------------------
     def stored(self, index: ModelIndex, group: TieGroup) -> dict[str, torch.Tensor]:
-        """The vectors under ``group.source`` and the labels under ``group.source + '.labels'``."""
+        """The vectors under ``group.source``; ``labels + 1`` bit-packed under ``group.source + '.labels'``."""
         use = index.uses[group.members[0]]
         p = _shared_rows(use)
         vectors = use.plist.original
-        labels = torch.tensor(p.labels, dtype=labels_dtype(p.k))
-        return {group.source: vectors, group.source + ".labels": labels}
+        shifted = torch.tensor([v + 1 for v in p.labels], dtype=torch.int64)
+        return {group.source: vectors, group.source + ".labels": pack_bits(shifted, bits_for(p.k + 1))}
 
     def owned(self, index: ModelIndex, group: TieGroup) -> list[torch.Tensor]:
         use = index.uses[group.members[0]]
@@ -345,7 +336,12 @@ class Rows(Kind):
         lab = tensors.get(key)
         if lab is None:
             problems.append(f"the file has no tensor {key!r} for the rows group of {group.members[0]!r}")
-        elif lab.dim() != 1 or lab.is_floating_point() or lab.tolist() != list(p.labels):
+        elif (
+            lab.dtype != torch.uint8
+            or lab.dim() != 1
+            or lab.numel() != packed_size(len(p.labels), bits_for(p.k + 1))
+            or (unpack_bits(lab, bits_for(p.k + 1), len(p.labels)) - 1).tolist() != list(p.labels)
+        ):
             problems.append(
                 f"tensor {key!r} in the file does not match how {group.members[0]!r} ties its slices in the model; "
                 "apply the checkpoint's plan first"
