@@ -1,0 +1,371 @@
+"""The ``bank`` kind: a used weight is a combination of templates that several uses share.
+
+Three forms, one stored ``templates`` tensor per group and one small ``coeff`` parameter per use:
+
+* ``"mix"`` (template sharing, Savarese & Maire 2019): ``W = sum_t coeff[t] * templates[t]``;
+  templates ``(T, *W.shape)``, coeff ``(T,)``.
+* ``"basis_in"`` (basis sharing with a shared input-side basis): ``W = coeff @ templates``;
+  templates ``(k, *W.shape[1:])`` span the rows, coeff ``(W.shape[0], k)``.
+* ``"basis_out"`` (shared output-side basis): ``W = templates @ coeff``; templates
+  ``(W.shape[0], k)`` span the columns, coeff ``(k, prod(W.shape[1:]))``.
+
+Installed as a ``torch.nn.utils.parametrize`` parametrization (:class:`Bank`) on every member
+whose ``original`` is the one ``templates`` parameter, so ``named_parameters()`` lists the
+templates once (under the first member's ``parametrizations.<attr>.original``) and each
+member's coefficients under ``parametrizations.<attr>.0.coeff``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .._index import ModelIndex, Use
+from .._parametrize import set_derived
+from ..errors import did_you_mean
+from ..plans import GroupStats, Kind, TieGroup, register_kind
+from ._common import fmt_shape
+from ._derived import dense, foreign_problem, members_of, host_path, materialize_uses, options_problems, own_parametrization, requires_grad_of
+
+__all__ = ["Bank", "FORMS", "templates_shape", "coeff_shape", "fit_mix", "fit_basis", "project"]
+
+FORMS = ("mix", "basis_in", "basis_out")
+
+
+def _flat_in(weight_shape: Sequence[int]) -> int:
+    return int(math.prod(weight_shape[1:]))
+
+
+def templates_shape(form: str, weight_shape: Sequence[int], size: int) -> tuple[int, ...]:
+    """Shape of the stored templates for ``size`` templates (mix) or basis rank ``size``."""
+    ws = tuple(int(s) for s in weight_shape)
+    if form == "mix":
+        return (size,) + ws
+    if form == "basis_in":
+        return (size,) + ws[1:]
+    return (ws[0], size)
+
+
+def coeff_shape(form: str, weight_shape: Sequence[int], size: int) -> tuple[int, ...]:
+    """Shape of one member's coefficients."""
+    ws = tuple(int(s) for s in weight_shape)
+    if form == "mix":
+        return (size,)
+    if form == "basis_in":
+        return (ws[0], size)
+    return (size, _flat_in(ws))
+
+
+def bank_size(form: str, shape: Sequence[int]) -> int:
+    """T (mix) or k (basis) read off a templates shape."""
+    return int(shape[1]) if form == "basis_out" else int(shape[0])
+
+
+class Bank(nn.Module):
+    """Parametrization: the used weight computed from shared ``templates`` and own ``coeff``.
+
+    Args:
+        form: ``"mix"``, ``"basis_in"`` or ``"basis_out"`` (see the module docstring).
+        coeff: this use's coefficients (becomes the parameter ``coeff``).
+        weight_shape: the shape of the weight the module uses.
+    """
+
+    def __init__(self, form: str, coeff: torch.Tensor, weight_shape: Sequence[int]):
+        super().__init__()
+        if form not in FORMS:
+            raise ValueError(f"unknown bank form {form!r}; one of {FORMS}")
+        self.form = form
+        self.weight_shape = tuple(int(s) for s in weight_shape)
+        self.coeff = coeff if isinstance(coeff, nn.Parameter) else nn.Parameter(dense(coeff))
+
+    @property
+    def size(self) -> int:
+        return int(self.coeff.shape[0]) if self.form in ("mix", "basis_out") else int(self.coeff.shape[1])
+
+    def forward(self, templates: torch.Tensor) -> torch.Tensor:
+        if self.form == "mix":
+            return torch.tensordot(self.coeff, templates, dims=1)
+        if self.form == "basis_in":
+            return (self.coeff @ templates.flatten(1)).view(self.weight_shape)
+        return (templates @ self.coeff).view(self.weight_shape)
+
+    def extra_repr(self) -> str:
+        return f"form={self.form!r}, size={self.size}, weight_shape={self.weight_shape}"
+
+
+# ---- fitting (shared by the public functions and by installing a plan on a fresh model) ------
+def _f64(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to(torch.float64)
+
+
+def fit_mix(weights: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-``size`` fit of N stacked weights: (templates ``(T, ...)``, coefficients ``(N, T)``).
+
+    With ``size == N`` the templates are the weights themselves and the coefficients the
+    identity, so the combination reproduces every weight exactly.
+    """
+    n = weights.shape[0]
+    if size == n:
+        return weights.detach().clone(), torch.eye(n, dtype=weights.dtype, device=weights.device)
+    flat = _f64(weights).reshape(n, -1)
+    u, s, vh = _svd(flat, size)
+    templates = (s[:size, None] * vh[:size]).reshape((size,) + tuple(weights.shape[1:]))
+    return templates.to(weights.dtype), u[:, :size].contiguous().to(weights.dtype)
+
+
+def _svd(a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD with at least ``rank`` components (zero-padded beyond the matrix's own rank)."""
+    u, s, vh = torch.linalg.svd(a, full_matrices=False)
+    missing = rank - s.shape[0]
+    if missing > 0:
+        u = torch.cat([u, u.new_zeros(u.shape[0], missing)], dim=1)
+        s = torch.cat([s, s.new_zeros(missing)])
+        vh = torch.cat([vh, vh.new_zeros(missing, vh.shape[1])], dim=0)
+    return u, s, vh
+
+
+def _whitener(gram: torch.Tensor, damp: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S, S^-1) with ``S @ S.T == gram`` (symmetric square root, small eigenvalues damped)."""
+    evals, evecs = torch.linalg.eigh(_f64(gram))
+    floor = damp * float(evals.max().clamp(min=1e-30))
+    root = evals.clamp(min=floor).sqrt()
+    return evecs * root, evecs.T / root[:, None]
+
+
+def fit_basis(
+    weights: Sequence[torch.Tensor], rank: int, form: str, grams: Sequence[torch.Tensor] | None = None
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A shared rank-``rank`` basis for same-shaped weights: (templates, [coeff per weight]).
+
+    Minimises ``sum_i ||(W_i - W'_i) S_i||_F`` where ``S_i S_i^T`` is weight i's input Gram
+    matrix (``grams``; identity when None), i.e. the error of each layer's outputs on its
+    calibration inputs. ``basis_out`` (shared column basis) solves this exactly by one SVD of
+    ``[W_1 S_1, ..., W_n S_n]``; ``basis_in`` (shared row basis) takes the SVD of
+    ``[W_1; ...; W_n] S`` with one whitening ``S`` from the summed Grams and then refits each
+    layer's coefficients to its own Gram matrix.
+    """
+    ws = tuple(weights[0].shape)
+    dtype = weights[0].dtype
+    mats = [_f64(w).reshape(ws[0], -1) for w in weights]
+    if form == "basis_out":
+        if grams is None:
+            whiten = [(None, None)] * len(mats)
+        else:
+            whiten = [_whitener(g) for g in grams]
+        cat = torch.cat([m if s is None else m @ s for m, (s, _) in zip(mats, whiten)], dim=1)
+        u, s, vh = _svd(cat, rank)
+        templates = u[:, :rank] * s[:rank]
+        coeffs = []
+        for i, (_, s_inv) in enumerate(whiten):
+            block = vh[:rank, i * mats[0].shape[1] : (i + 1) * mats[0].shape[1]]
+            coeffs.append((block if s_inv is None else block @ s_inv).to(dtype).contiguous())
+        return templates.to(dtype).contiguous(), coeffs
+    # basis_in
+    if grams is None:
+        s_mat = s_inv = None
+    else:
+        s_mat, s_inv = _whitener(sum(_f64(g) for g in grams))
+    stacked = torch.cat(mats, dim=0)
+    u, s, vh = _svd(stacked if s_mat is None else stacked @ s_mat, rank)
+    basis = vh[:rank] if s_inv is None else vh[:rank] @ s_inv  # (k, in)
+    coeffs = []
+    for i, m in enumerate(mats):
+        if grams is None:
+            c = u[i * ws[0] : (i + 1) * ws[0], :rank] * s[:rank]
+        else:  # least squares on this layer's own inputs: min ||(W - C B) S_i||
+            g = _f64(grams[i])
+            bg = basis @ g
+            lhs = bg @ basis.T
+            lhs = lhs + 1e-10 * lhs.diagonal().mean().clamp(min=1e-30) * torch.eye(rank, dtype=lhs.dtype, device=lhs.device)
+            c = torch.linalg.solve(lhs, (m @ bg.T).T).T
+        coeffs.append(c.to(dtype).contiguous())
+    return basis.reshape((rank,) + ws[1:]).to(dtype).contiguous(), coeffs
+
+
+def project(form: str, weight: torch.Tensor, templates: torch.Tensor) -> torch.Tensor:
+    """Least-squares coefficients expressing ``weight`` with fixed ``templates``."""
+    w = _f64(weight)
+    t = _f64(templates)
+    if form == "mix":
+        a = t.reshape(t.shape[0], -1).T
+        c = torch.linalg.pinv(a) @ w.reshape(-1)
+    elif form == "basis_in":
+        c = w.reshape(w.shape[0], -1) @ torch.linalg.pinv(t.reshape(t.shape[0], -1))
+    else:
+        c = torch.linalg.pinv(t) @ w.reshape(w.shape[0], -1)
+    return c.to(weight.dtype).contiguous()
+
+
+@register_kind
+class BankKind(Kind):
+    name = "bank"
+    priority = 50
+
+    # ---- reading the model ------------------------------------------------------------------
+    def find(self, index: ModelIndex) -> list[TieGroup]:
+        buckets: dict[int, list[str]] = {}
+        first: dict[int, tuple[Bank, torch.Tensor]] = {}
+        for name, use in index.uses.items():
+            bank = own_parametrization(use, Bank)
+            if bank is None:
+                continue
+            orig = use.plist.original
+            buckets.setdefault(id(orig), []).append(name)
+            first.setdefault(id(orig), (bank, orig))
+        groups = []
+        for key, names in buckets.items():
+            bank, orig = first[key]
+            groups.append(TieGroup(
+                self.name, index.canonical(orig), tuple(names), tuple(orig.shape),
+                {"form": bank.form, "weight_shape": list(bank.weight_shape)},
+            ))
+        return groups
+
+    def _spec(self, group: TieGroup) -> tuple[str, tuple[int, ...], int]:
+        form = group.options["form"]
+        ws = tuple(group.options["weight_shape"])
+        return form, ws, bank_size(form, group.shape)
+
+    def validate(self, index: ModelIndex, group: TieGroup) -> list[str]:
+        problems = options_problems(group, self.name, ["form"])
+        if problems:
+            return problems
+        form = group.options["form"]
+        if form not in FORMS:
+            return [f"bank group of {group.source!r} has an unknown form {form!r}; one of {', '.join(FORMS)}"]
+        ws = tuple(group.options["weight_shape"])
+        if form != "mix" and len(ws) < 2:
+            return [f"bank group of {group.source!r}: a basis needs weights of 2 or more dimensions, got {fmt_shape(ws)}"]
+        size = bank_size(form, group.shape) if len(group.shape) >= 1 else 0
+        want = templates_shape(form, ws, size)
+        if tuple(group.shape) != want or size < 1:
+            return [f"bank group of {group.source!r}: templates shape {fmt_shape(group.shape)} does not fit "
+                    f"weights of shape {fmt_shape(ws)} in form {form!r} (expected {fmt_shape(want)})"]
+        src = index.stored_param(group.source)
+        if src is None and group.source != host_path(group.members[0]):
+            problems.append(
+                f"bank templates {group.source!r} do not exist in the model (a new bank keeps them at "
+                f"{host_path(group.members[0])!r})" + did_you_mean(group.source, index.param_paths, "parameter")
+            )
+        if src is not None and tuple(src.shape) != tuple(group.shape):
+            problems.append(f"{group.source!r} has shape {fmt_shape(src.shape)} but the plan says {fmt_shape(group.shape)}")
+        ref = src
+        for m, use in zip(group.members, members_of(index, group)):
+            if use is None:
+                problems.append(f"bank member {m!r} does not exist in the model" + did_you_mean(m, index.uses, "parameter"))
+                continue
+            found = foreign_problem(use, self.name, Bank)
+            problems += found
+            if found:
+                continue
+            with torch.no_grad():
+                v = use.value()
+            if tuple(v.shape) != ws:
+                problems.append(f"{m!r} has shape {fmt_shape(v.shape)} but the bank of {group.source!r} makes {fmt_shape(ws)}")
+            if ref is None:
+                ref = v
+            elif v.dtype != ref.dtype:
+                problems.append(f"{m!r} is {v.dtype} but the bank of {group.source!r} is {ref.dtype}; convert the model to one dtype first")
+            elif v.device != ref.device:
+                problems.append(f"{m!r} is on {v.device} but the bank of {group.source!r} is on {ref.device}; move the model to one device first")
+        return problems
+
+    def install(self, index: ModelIndex, group: TieGroup) -> None:
+        form, ws, size = self._spec(group)
+        uses = members_of(index, group)
+        templates = index.stored_param(group.source)
+        fresh_coeffs: list[torch.Tensor] | None = None
+        with torch.no_grad():
+            if templates is None:
+                ref = uses[0].value()
+                meta = ref.device.type == "meta"
+                if meta:
+                    t = torch.empty(group.shape, dtype=ref.dtype, device=ref.device)
+                else:
+                    values = [u.value().detach() for u in uses]
+                    t, fresh_coeffs = fit_values(form, values, size)
+                templates = nn.Parameter(dense(t), requires_grad=requires_grad_of(uses[0]))
+            for i, use in enumerate(uses):
+                bank = own_parametrization(use, Bank)
+                cshape = coeff_shape(form, ws, size)
+                if bank is not None and bank.form == form and tuple(bank.coeff.shape) == cshape and bank.weight_shape == ws:
+                    if use.plist.original is not templates:
+                        use.plist._buffers.pop("original", None)
+                        use.plist._parameters["original"] = templates
+                    continue
+                if fresh_coeffs is not None:
+                    c = fresh_coeffs[i]
+                elif templates.device.type == "meta":
+                    c = torch.empty(cshape, dtype=templates.dtype, device=templates.device)
+                else:
+                    c = project(form, use.value(), templates)
+                set_derived(use.module, use.attr, Bank(form, c, ws), templates)
+
+    def check(self, index: ModelIndex, group: TieGroup) -> list[str]:
+        src = index.stored_param(group.source)
+        if src is None:
+            return [f"missing bank templates {group.source!r}"]
+        problems = []
+        if group.shape is not None and tuple(src.shape) != tuple(group.shape):
+            problems.append(f"{group.source!r} has shape {fmt_shape(src.shape)} but the plan says {fmt_shape(group.shape)}")
+        form = group.options.get("form")
+        ws = tuple(group.options.get("weight_shape", ()))
+        for m, use in zip(group.members, members_of(index, group)):
+            if use is None:
+                problems.append(f"missing parameter {m!r}")
+                continue
+            bank = own_parametrization(use, Bank)
+            if bank is None:
+                problems.append(f"{m!r} is no longer computed from the bank {group.source!r}; re-tie with ps.apply_plan(model, plan)")
+            elif use.plist.original is not src:
+                problems.append(
+                    f"{m!r} reads bank templates that are not {group.source!r} "
+                    "(as after to_empty or load_state_dict(assign=True)); re-tie with ps.apply_plan(model, plan)"
+                )
+            elif bank.form != form or bank.weight_shape != ws:
+                problems.append(f"{m!r} is a {bank.form!r} bank of shape {fmt_shape(bank.weight_shape)}, "
+                                f"the plan says {form!r} of shape {fmt_shape(ws)}")
+        return problems
+
+    def stats(self, index: ModelIndex, group: TieGroup) -> GroupStats:
+        src = index.stored_param(group.source)
+        es = src.element_size()
+        stored = src.numel()
+        uses = members_of(index, group)
+        for use in uses:
+            bank = own_parametrization(use, Bank)
+            if bank is not None:
+                stored += bank.coeff.numel()
+        n = int(math.prod(group.options["weight_shape"]))
+        k = len(group.members)
+        form = group.options["form"]
+        size = bank_size(form, src.shape)
+        detail = f"{size} template{'s' if size != 1 else ''}" if form == "mix" else f"rank-{size} basis ({form[6:]})"
+        return GroupStats(uses=k, used_numel=n * k, stored_numel=stored, stored_bytes=stored * es,
+                          saved_bytes=(n * k - stored) * es, detail=detail)
+
+    def untie(self, index: ModelIndex, group: TieGroup, names: set[str]) -> None:
+        materialize_uses([index.uses[m] for m in group.members if m in names and m in index.uses])
+
+    # ---- checkpoints --------------------------------------------------------------------------
+    def stored(self, index: ModelIndex, group: TieGroup) -> dict[str, torch.Tensor]:
+        out = {group.source: index.stored_param(group.source)}
+        for m, use in zip(group.members, members_of(index, group)):
+            bank = own_parametrization(use, Bank)
+            if bank is not None:
+                out[host_path(m, "0.coeff")] = bank.coeff
+        return out
+
+    def owned(self, index: ModelIndex, group: TieGroup) -> list[torch.Tensor]:
+        return list(self.stored(index, group).values())
+
+
+def fit_values(form: str, values: list[torch.Tensor], size: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Templates and per-use coefficients fitted to ``values`` (uncalibrated best fit)."""
+    if form == "mix":
+        t, c = fit_mix(torch.stack(values), size)
+        return t, [c[i].contiguous() for i in range(len(values))]
+    return fit_basis(values, size, form)
