@@ -57,6 +57,11 @@ CASES = [
     KindCase("rows", _mlp, lambda m: (ps.tie_rows(m, "0.weight", [0, 0, 1, -1, 1, 2, 2, 0]), m)[1], _x(8), breakable=False),
     # tied 0.weight/2.weight clustered once (both read one codebook), 4.weight its own 2-bit codebook
     KindCase("codebook", _mlp, lambda m: ps.cluster(ps.tie(m, "0.weight", "2.weight"), bits=2, min_numel=1), _x(8)),
+    # 0.weight and 2.weight as mixtures of one template; then as a shared rank-3 basis
+    KindCase("bank", _mlp, lambda m: (ps.template_share([m[0], m[2]], templates=1), m)[1], _x(8)),
+    KindCase("bank", _mlp, lambda m: ps.basis_share(m, "[02].weight", rank=3), _x(8)),
+    # 0.weight and 2.weight share a base, each with its own rank-1 delta
+    KindCase("delta", _mlp, lambda m: ps.relax(ps.tie(m, "0.weight", "2.weight"), rank=1), _x(8)),
 ]
 
 

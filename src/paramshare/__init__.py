@@ -28,6 +28,9 @@ from .soft import SoftTie, SoftTieWarning, anchor, group_tie, harden, soft_tie  
 from .growl import GrOWL, growl_tie, owl_norm, owl_regression, owl_weights, prox_owl, tie_rows  # noqa: E402 - GrOWL
 from . import distributed  # noqa: E402 - ps.distributed: DDP/FSDP2 with ties (fsdp_groups, shard, check_ties)
 
+from .bank import materialize, template_share  # noqa: E402 - template banks, back to dense
+from .basis import basis_share  # noqa: E402 - basis sharing across layers
+from .relaxed import convert_to_shared, relax  # noqa: E402 - relaxed (low-rank delta) sharing
 from .cluster import cluster, kmeans1d, uncluster  # noqa: E402 - weight clustering (the codebook kind)
 
 __all__ = [
@@ -83,6 +86,12 @@ __all__ = [
     "LoadResult",
     "Checkpoint",
     "CheckpointError",
+    # cross-layer banks and relaxed sharing
+    "template_share",
+    "basis_share",
+    "convert_to_shared",
+    "relax",
+    "materialize",
     # reports
     "report",
     "SharingReport",
