@@ -9,3 +9,4 @@ Other capabilities re-export their modules from here with one import line each a
 from __future__ import annotations
 from .hashing import HashedLinear  # noqa: E402,F401
 from .multitask import MultiTask  # noqa: E402,F401
+from .dynamic import DynamicLinear  # noqa: E402,F401
