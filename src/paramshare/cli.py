@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("paramshare._demo", "tie and share a small model, then print what sharing saved"),
     "inspect": ("paramshare._cli_inspect", "show what a weights file holds: sizes, plan, exact/transposed/near duplicates"),
     "dedupe": ("paramshare._cli_dedupe", "write a paramshare checkpoint of a weights file with its duplicates tied"),
+    "compress": ("paramshare.cluster.compress", "cluster the weights of a safetensors file into a paramshare checkpoint (codebooks, packed labels)"),
 }
 
 

@@ -206,8 +206,14 @@ def _importance(model: nn.Module, targets: list[_Target], data) -> None:
             hooks.append(u.module.register_forward_pre_hook(hook, with_kwargs=True))
     try:
         with torch.no_grad():
-            for batch in _batches(data):
-                _run(model, batch)
+            for i, batch in enumerate(_batches(data)):
+                try:
+                    _run(model, batch)
+                except Exception as e:
+                    raise SharingError(
+                        f"running the model on calibration batch {i} failed ({type(e).__name__}: {e}); data must hold "
+                        "inputs the model accepts: tensors (model(x)), tuples (model(*t)) or dicts (model(**d))"
+                    ) from None
     finally:
         for h in hooks:
             h.remove()
@@ -270,7 +276,7 @@ def _fit_target(t: _Target, k: int, init: str, prune: float) -> tuple[torch.Tens
     pruned = None
     if zero:
         cut = int(round(prune * n))
-        order = v.abs().argsort(1, stable=True)
+        order = v.abs().argsort(dim=1, stable=True)
         pruned = torch.zeros_like(v, dtype=torch.bool)
         pruned.scatter_(1, order[:, :cut], True)
     if init == "linear":

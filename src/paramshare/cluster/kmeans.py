@@ -45,7 +45,11 @@ __all__ = ["kmeans1d", "sse", "EXACT_POINTS"]
 EXACT_POINTS = 8192
 #: Runs of the coarse grid (count cuts and value cuts, each this many at most).
 COARSE_RUNS = 2048
-#: How many coarse runs a boundary may move, each side, in the full-resolution refinement.
+#: Runs per cluster (at least) of the grid on which boundaries move between their neighbours.
+BAND_RUNS = 512
+#: A boundary may move anywhere between the current positions of its BAND-th neighbours.
+BAND = 2
+#: How many runs of that grid a boundary may move, each side, in the full-resolution refinement.
 RADIUS = 16
 _METHODS = ("optimal", "lloyd")
 
@@ -335,14 +339,39 @@ def _split_runs(pre: _Prefix, cuts: np.ndarray, tau: float, gmax: int) -> np.nda
         cuts = np.sort(np.concatenate((cuts, (a[bad] + b[bad]) >> 1)))
 
 
+def _band(pre: _Prefix, m: int, k: int, cuts: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """Boundaries (indices into ``cuts``) re-optimised over the runs of ``cuts``, each anywhere
+    strictly between its neighbours' current positions; repeated while a boundary ends on the
+    edge of its window (so boundaries can move by whole clusters)."""
+    r = cuts.size - 1
+    sub = pre if r == m else _subset(pre, cuts)
+    j = np.arange(1, k)
+    for _ in range(1000):
+        full = np.concatenate(([0] * BAND, pos, [r] * BAND))
+        lo, hi = full[:k - 1] + 1, full[2 * BAND:] - 1
+        windows = _feasible(lo, hi, r)
+        new = _dp_windows(sub, r, windows)[1:-1]
+        lo = np.array([w[0] for w in windows])
+        hi = np.array([w[1] for w in windows])
+        at_edge = ((new == lo) & (lo > j)) | ((new == hi) & (hi < r - (k - j)))
+        if not at_edge.any() or np.array_equal(new, pos):
+            return new
+        pos = new
+    return pos  # pragma: no cover
+
+
 def _optimal_cuts(values: np.ndarray, weights, k: int, exact_points: int, radius: int = 0) -> tuple[_Prefix, np.ndarray]:
     """Cuts (indices into the merged sorted points, 0 and m included) of the optimal k-partition.
 
-    Above ``exact_points`` points: a coarse grid of runs, each with a sum of squares below a
-    threshold set from an upper bound of the optimum (so heavy tails are resolved point by
-    point) and at most ``m / COARSE_RUNS`` points; the exact programme over the runs; then
-    refinement levels, each splitting every run into REFINE_RATIO, solved within windows of
-    ``half`` runs around the current boundaries.
+    Above ``exact_points`` points, three stages:
+
+    1. a coarse grid of runs, each with a sum of squares below a threshold set from an upper
+       bound of the optimum (heavy tails are resolved point by point) and at most
+       ``m / COARSE_RUNS`` points; the exact programme over the runs;
+    2. a finer grid (runs of at most ``m / (k * BAND_RUNS)`` points) on which every boundary
+       may move anywhere between its neighbours (a band of two clusters), repeated until no
+       boundary is on the edge of its band: this settles how many clusters each region gets;
+    3. full resolution, each boundary within ``radius`` runs of the finer grid.
     """
     m = values.size
     pre = _Prefix(values, weights)
@@ -354,14 +383,22 @@ def _optimal_cuts(values: np.ndarray, weights, k: int, exact_points: int, radius
     _, lloyd = _lloyd_cuts(values, weights, k, pre=pre, max_iter=50)
     upper = float(pre.cost(lloyd[:-1], lloyd[1:]).sum())
     for _ in range(6):
-        cuts = _split_runs(pre, np.array([0, m]), upper / (k * COARSE_RUNS / 8), gmax)
+        tau = upper / (k * COARSE_RUNS / 8)
+        cuts = _split_runs(pre, np.array([0, m]), tau, gmax)
         coarse = cuts[_dp_exact(_subset(pre, cuts), cuts.size - 1, k)]
         cost = float(pre.cost(coarse[:-1], coarse[1:]).sum())
         if cost >= upper / 2:  # the threshold was set from a bound within 2x of this solution
             break
         upper = cost
-    ci = np.searchsorted(cuts, coarse[1:-1])
-    return pre, np.concatenate(([0], _refine(pre, m, k, cuts, ci, radius), [m]))
+    g1 = max(1, m // (k * BAND_RUNS))
+    if g1 < gmax:
+        cuts = _split_runs(pre, cuts, tau / 64, g1)
+    bound = _band(pre, m, k, cuts, np.searchsorted(cuts, coarse[1:-1]))
+    ci = bound if cuts.size - 1 == m else None
+    if ci is None:
+        bound = cuts[bound]
+        return pre, np.concatenate(([0], _refine(pre, m, k, cuts, np.searchsorted(cuts, bound), radius), [m]))
+    return pre, np.concatenate(([0], bound, [m]))
 
 
 # ---- Lloyd on sorted values ------------------------------------------------------------------
