@@ -29,7 +29,7 @@ from torch import nn
 from ._index import ModelIndex
 from .errors import SharingError
 from .kinds._common import fmt_shape
-from .kinds.rows import rows_source
+from .kinds._derived import host_path
 from .plans import TieGroup, get_kind
 
 __all__ = [
@@ -451,7 +451,7 @@ def _check_dim(dim) -> int:
 def _rows_group(name: str, shape, labels: Sequence[int], dim: int) -> TieGroup:
     k = max(labels, default=-1) + 1
     length = shape[1 - dim]
-    return TieGroup("rows", rows_source(name), (name,), (k, length), {"dim": dim, "labels": [int(v) for v in labels]})
+    return TieGroup("rows", host_path(name), (name,), (k, length), {"dim": dim, "labels": [int(v) for v in labels]})
 
 
 def _install(model: nn.Module, groups: list[TieGroup]) -> None:

@@ -27,15 +27,9 @@ from .._parametrize import Transposed, remove_derived, set_derived, set_plain
 from ..cluster.bits import bits_for, pack_bits, packed_size, unpack_bits
 from ..plans import GroupStats, Kind, TieGroup, register_kind
 from ._common import fmt_shape
+from ._derived import host_path, own_parametrization
 
-__all__ = ["SharedRows", "Rows", "rows_source"]
-
-
-def rows_source(use_name: str) -> str:
-    """The stored vectors' name for the use ``use_name`` (where the parametrization keeps them)."""
-    module_name, _, attr = use_name.rpartition(".")
-    prefix = f"{module_name}." if module_name else ""
-    return f"{prefix}parametrizations.{attr}.original"
+__all__ = ["SharedRows", "Rows"]
 
 
 class SharedRows(nn.Module):
@@ -116,12 +110,7 @@ def mean_vectors(value: torch.Tensor, labels: Sequence[int], dim: int, k: int) -
 
 
 def _shared_rows(use: Use | None) -> SharedRows | None:
-    if use is None:
-        return None
-    plist = use.plist
-    if plist is not None and len(plist) == 1 and isinstance(plist[0], SharedRows):
-        return plist[0]
-    return None
+    return own_parametrization(use, SharedRows)
 
 
 def _options(group: TieGroup) -> tuple[int | None, list[int] | None, list[str]]:
@@ -176,7 +165,7 @@ class Rows(Kind):
             from ..errors import did_you_mean
 
             return problems + [f"rows member {member!r} does not exist in the model" + did_you_mean(member, index.uses, "parameter")]
-        want_source = rows_source(member)
+        want_source = host_path(member)
         if group.source != want_source:
             problems.append(f"a rows group of {member!r} is stored as {want_source!r}, but the plan says {group.source!r}")
         plist = use.plist
