@@ -78,33 +78,17 @@ def median_times(contenders: dict, repeat: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="narrow model, few repeats (a smoke run)")
-    ap.add_argument("--width", type=int, default=None, help="hidden width (default 256; 32 with --quick)")
-    ap.add_argument("--repeat", type=int, default=None, help="timed repeats per contender")
-    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile check")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(2)
-    width = args.width or (32 if args.quick else 256)
-    repeat = args.repeat or (5 if args.quick else 40)
-    header("soft tying: fused penalty vs a Python loop")
-    torch.manual_seed(0)
-    a, b = stack(width), stack(width)
+def penalty_table(a, b, norms, repeat: int) -> dict[str, float]:
+    """Time the fused penalty and the loop (forward + backward, grads from None) per norm."""
     pa, pb = list(a.parameters()), list(b.parameters())
-    n_params = sum(p.numel() for p in pa)
-    print(f"model pair: 2 x {len(pa)} tensors, {n_params:,} parameters each (width {width}), {repeat} repeats, medians")
     every = pa + pb
 
     def zero():
         for p in every:
             p.grad = None
 
-    # ---- 1. penalty forward + backward ----------------------------------------------------
-    print("\npenalty forward + backward over 100 tensor pairs")
-    print(f"{'norm':<8}{'paramshare':>12}{'python loop':>13}{'ratio':>8}  check")
-    results = {}
-    for norm in ps.soft.NORMS:
+    ratios = {}
+    for norm in norms:
         soft = ps.soft_tie(a, b, norm=norm, strength=1e-3)
         zero()
         soft().backward()
@@ -123,48 +107,86 @@ def main(argv=None) -> int:
             loop_penalty(norm, pa, pb, 1e-3).backward()
 
         t = median_times({"ps": run_ps, "loop": run_loop}, repeat)
-        ratio = t["ps"] / t["loop"]
-        results[norm] = ratio
+        ratios[norm] = t["ps"] / t["loop"]
         ok = "same value and gradients" if same and abs(v_ps - v_loop) <= 1e-4 * max(1.0, abs(v_loop)) else f"MISMATCH {v_ps} vs {v_loop}"
-        print(f"{norm:<8}{t['ps'] * 1e3:>10.2f}ms{t['loop'] * 1e3:>11.2f}ms{ratio:>8.2f}  {ok}")
-    verdict = "met" if results["l2"] <= 0.5 else "NOT met"
-    print(f"goal l2 ratio <= 0.5: {verdict} ({results['l2']:.2f})")
+        yield norm, t, ratios[norm], ok
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="narrow models, few repeats (a smoke run)")
+    ap.add_argument("--width", type=int, default=None, help="hidden width of the main model (default 256; 32 with --quick)")
+    ap.add_argument("--repeat", type=int, default=None, help="timed repeats per contender (default 30; 5 with --quick)")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile check")
+    ap.add_argument("--threads", type=int, default=2, choices=(1, 2), help="torch threads (default 2)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    width = args.width or (32 if args.quick else 256)
+    repeat = args.repeat or (5 if args.quick else 30)
+    widths = (16, 32) if args.quick else (64, 128, 256, 512)
+    batches = (64,) if args.quick else (64, 256, 1024)
+    header("soft tying: fused penalty vs a Python loop")
+    torch.manual_seed(0)
+    a, b = stack(width), stack(width)
+    pa, pb = list(a.parameters()), list(b.parameters())
+    print(f"model pair: two 24-block residual MLP stacks, {len(pa)} tensors each; {repeat} repeats, medians, "
+          "contenders alternating")
+
+    # ---- 1. penalty forward + backward, every norm ----------------------------------------
+    n_params = sum(p.numel() for p in pa)
+    print(f"\n1. penalty forward + backward over the 100 tensor pairs, width {width} ({n_params:,} parameters per model)")
+    print(f"{'norm':<8}{'paramshare':>12}{'python loop':>13}{'ratio':>8}  check")
+    for norm, t, ratio, ok in penalty_table(a, b, ps.soft.NORMS, repeat):
+        print(f"{norm:<8}{t['ps'] * 1e3:>10.2f}ms{t['loop'] * 1e3:>11.2f}ms{ratio:>8.2f}  {ok}", flush=True)
+
+    # ---- 1b. l2 across model widths ---------------------------------------------------------
+    print("\n1b. l2 penalty forward + backward across widths (same 100 tensors, larger or smaller)")
+    print(f"{'width':>6}{'params/model':>14}{'paramshare':>12}{'python loop':>13}{'ratio':>8}  goal <= 0.5")
+    for w in widths:
+        torch.manual_seed(0)
+        wa, wb = stack(w), stack(w)
+        for _, t, ratio, ok in penalty_table(wa, wb, ("l2",), repeat):
+            n = sum(p.numel() for p in wa.parameters())
+            verdict = ("met" if ratio <= 0.5 else "NOT met") + ("" if ok.startswith("same") else f" ({ok})")
+            print(f"{w:>6}{n:>14,}{t['ps'] * 1e3:>10.2f}ms{t['loop'] * 1e3:>11.2f}ms{ratio:>8.2f}  {verdict}", flush=True)
 
     # ---- 2. training-step overhead --------------------------------------------------------
-    batch = 64
-    x = torch.randn(batch, 64)
-    y = torch.randint(0, 10, (batch,))
+    every = pa + pb
     opt = torch.optim.SGD(every, lr=1e-4)
     soft = ps.soft_tie(a, b, strength=1e-3)
+    print(f"\n2. training step of the pair, width {width} (forward, cross-entropy, backward, SGD step)")
+    print(f"{'batch':>6}{'no penalty':>12}{'+ ps.soft_tie':>15}{'+ python loop':>15}   goal <= 10%")
+    for batch in batches:
+        x = torch.randn(batch, 64)
+        y = torch.randint(0, 10, (batch,))
 
-    def step(penalty):
-        opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(a(x), y) + F.cross_entropy(b(x), y)
-        if penalty is not None:
-            loss = loss + penalty()
-        loss.backward()
-        opt.step()
+        def step(penalty, x=x, y=y):
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(a(x), y) + F.cross_entropy(b(x), y)
+            if penalty is not None:
+                loss = loss + penalty()
+            loss.backward()
+            opt.step()
 
-    t = median_times(
-        {
-            "none": lambda: step(None),
-            "ps": lambda: step(soft),
-            "loop": lambda: step(lambda: loop_penalty("l2", pa, pb, 1e-3)),
-        },
-        repeat,
-    )
-    over_ps = t["ps"] / t["none"] - 1
-    over_loop = t["loop"] / t["none"] - 1
-    print(f"\ntraining step of the pair (batch {batch}, forward + cross-entropy + backward + SGD)")
-    print(f"{'step':<22}{'time':>10}{'overhead':>10}")
-    print(f"{'no penalty':<22}{t['none'] * 1e3:>8.2f}ms{'':>10}")
-    print(f"{'+ ps.soft_tie (l2)':<22}{t['ps'] * 1e3:>8.2f}ms{over_ps * 100:>9.1f}%")
-    print(f"{'+ python loop (l2)':<22}{t['loop'] * 1e3:>8.2f}ms{over_loop * 100:>9.1f}%")
-    print(f"goal overhead <= 10%: {'met' if over_ps <= 0.10 else 'NOT met'} ({over_ps * 100:.1f}%)")
+        t = median_times(
+            {"none": lambda: step(None), "ps": lambda: step(soft), "loop": lambda: step(lambda: loop_penalty("l2", pa, pb, 1e-3))},
+            max(5, repeat // 2),
+        )
+        over_ps, over_loop = t["ps"] / t["none"] - 1, t["loop"] / t["none"] - 1
+        print(
+            f"{batch:>6}{t['none'] * 1e3:>10.1f}ms{t['ps'] * 1e3:>9.1f}ms{over_ps * 100:>+5.0f}%{t['loop'] * 1e3:>9.1f}ms{over_loop * 100:>+5.0f}%"
+            f"   {'met' if over_ps <= 0.10 else 'NOT met'}",
+            flush=True,
+        )
 
     # ---- 3. torch.compile ----------------------------------------------------------------
     if not args.no_compile and not args.quick:
-        print("\ntorch.compile (inductor) of the penalty")
+        print("\n3. torch.compile (inductor, fullgraph) of the penalty")
+
+        def zero():
+            for p in every:
+                p.grad = None
+
         for norm in ("l2", "cosine"):
             soft = ps.soft_tie(a, b, norm=norm, strength=1e-3)
             torch._dynamo.reset()
@@ -190,10 +212,11 @@ def main(argv=None) -> int:
                 zero()
                 soft().backward()
 
-            tc = median_times({"compiled": run_c, "eager": run_e}, max(5, repeat // 4))
+            tc = median_times({"compiled": run_c, "eager": run_e}, max(5, repeat // 3))
             print(
-                f"{norm:<8} compiled in {compile_s:.1f}s, fullgraph; {'same value and gradients' if same else 'MISMATCH'}; "
-                f"compiled/eager time {tc['compiled'] / tc['eager']:.2f}"
+                f"{norm:<8} compiled in {compile_s:.1f}s; {'same value and gradients as eager' if same else 'MISMATCH'}; "
+                f"compiled/eager time {tc['compiled'] / tc['eager']:.2f}",
+                flush=True,
             )
     return 0
 

@@ -123,6 +123,21 @@ def test_aliased_parameters_are_one_input_with_summed_gradients():
     assert not torch.allclose(a[0].weight.grad, 2 * (w - b[0].weight.detach()))
 
 
+@pytest.mark.parametrize("norm", NORMS)
+def test_backward_twice_through_one_graph(norm):
+    # the first backward reuses the saved differences in place; a second one must recompute them
+    a, b = mlp(0), mlp(1)
+    for strength in (0.5, {"*.weight": 0.5, "*.bias": 2.0}):
+        a.zero_grad()
+        b.zero_grad()
+        v = ps.soft_tie(a, b, norm=norm, strength=strength)()
+        v.backward(retain_graph=True)
+        once = [p.grad.clone() for p in list(a.parameters()) + list(b.parameters())]
+        v.backward()
+        assert all(torch.allclose(p.grad, 2 * g) for p, g in zip(list(a.parameters()) + list(b.parameters()), once))
+        assert any(g.abs().sum() > 0 for g in once)
+
+
 def test_penalty_follows_new_parameter_objects():
     a, b = mlp(0), mlp(1)
     soft = ps.soft_tie(a, b)
@@ -356,7 +371,11 @@ def test_works_under_torch_compile():
     b = mlp(1)
     both = nn.ModuleDict({"a": a, "b": b})
     every = list(both.parameters())
-    for soft in (ps.soft_tie(a, b, norm="cosine", strength=0.5), ps.group_tie(both, ["*.0.weight", "*.2.bias"], norm="l2")):
+    for soft in (
+        ps.soft_tie(a, b, norm="cosine", strength=0.5),
+        ps.group_tie(both, ["*.0.weight", "*.2.bias"], norm="l2", strength={"*.0.weight": 1.0, "*.2.bias": 3.0}),
+        ps.anchor(a, b, norm="huber", delta=0.1),
+    ):
         compiled = torch.compile(soft, backend="aot_eager", fullgraph=True)
         both.zero_grad()
         v = compiled()

@@ -101,22 +101,31 @@ class _Penalty(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, weights, norm, delta, lmap, rmap, *uniq):
+    def forward(ctx, weights, norm, delta, uniform, lmap, rmap, *uniq):
         left = [uniq[i] for i in lmap]
         right = [uniq[i] for i in rmap]
         v, saved = _values(norm, delta, left, right)
-        ctx.norm, ctx.lmap, ctx.rmap, ctx.n_uniq = norm, lmap, rmap, len(uniq)
+        ctx.norm, ctx.delta, ctx.uniform, ctx.lmap, ctx.rmap, ctx.n_uniq = norm, delta, uniform, lmap, rmap, len(uniq)
+        ctx.reuse = None
+        ctx.in_place = False
         if norm == "cosine":
             na, nb, cos = saved
             ctx.save_for_backward(weights, na, nb, cos, *uniq)
-        else:
+        elif torch.compiler.is_compiling():
             ctx.save_for_backward(weights, *saved)
+        else:
+            # Eager: the differences (clamped, for huber) become the gradients in place in the
+            # first backward, saving an allocation and a pass; a second backward through the
+            # same graph (retain_graph=True) recomputes them from the inputs.
+            ctx.save_for_backward(weights, *uniq)
+            ctx.reuse = list(saved)
+            ctx.in_place = True
         return (v * weights).sum()
 
     @staticmethod
     def backward(ctx, g):
         lmap, rmap, norm = ctx.lmap, ctx.rmap, ctx.norm
-        needs = ctx.needs_input_grad[5:]
+        needs = ctx.needs_input_grad[6:]
         need_left = any(needs[i] for i in lmap)
         need_right = any(needs[i] for i in rmap)
         gl = gr = None
@@ -131,24 +140,34 @@ class _Penalty(torch.autograd.Function):
             if need_right:
                 gr = torch._foreach_sub(torch._foreach_mul(right, (s * cos / nb.square()).unbind()), torch._foreach_mul(left, inv))
         elif need_left or need_right:
-            weights, *saved = ctx.saved_tensors
+            weights, *rest = ctx.saved_tensors
             s = g * weights
             if norm == "l2":
                 s = 2 * s
-            elif norm == "l1":
-                saved = torch._foreach_sign(saved)
-            gl = torch._foreach_mul(saved, s.unbind())
+            s = s[0] if ctx.uniform else s.unbind()  # one scalar for all tensors: no per-tensor views
+            if not ctx.in_place:  # compiled: the saved differences, left intact
+                saved = rest
+                if norm == "l1":
+                    saved = torch._foreach_sign(saved)
+                grads = torch._foreach_mul(saved, s)
+            else:
+                saved, ctx.reuse = ctx.reuse, None
+                if saved is None:  # a second backward: recompute
+                    saved = _values(norm, ctx.delta, [rest[i] for i in lmap], [rest[i] for i in rmap])[1]
+                if norm == "l1":
+                    torch._foreach_sign_(saved)
+                torch._foreach_mul_(saved, s)
+                grads = saved
+            gl = grads if need_left else None
             if need_right:
-                gr = torch._foreach_neg(gl)
-            if not need_left:
-                gl = None
+                gr = torch._foreach_neg(grads)
         contribs: list[list[torch.Tensor]] = [[] for _ in range(ctx.n_uniq)]
         for grads, index in ((gl, lmap), (gr, rmap)):
             if grads is not None:
                 for t, u in zip(grads, index):
                     if needs[u]:
                         contribs[u].append(t)
-        return (None, None, None, None, None, *_accumulate(contribs))
+        return (None, None, None, None, None, None, *_accumulate(contribs))
 
 
 def _get(module: nn.Module, attr: str) -> torch.Tensor:
@@ -261,7 +280,9 @@ class SoftTie(nn.Module):
         return out
 
     def _refresh_weights(self, per_term: list[float]) -> None:
-        w = torch.tensor([per_term[i] for i in self._entry_term], dtype=self.weights.dtype).to(self.weights.device)
+        values = [per_term[i] for i in self._entry_term]
+        self._uniform = len(set(values)) <= 1
+        w = torch.tensor(values, dtype=self.weights.dtype).to(self.weights.device)
         if w.shape == self.weights.shape:
             with torch.no_grad():
                 self.weights.copy_(w)  # in place: a compiled caller sees the same buffer
@@ -323,7 +344,7 @@ class SoftTie(nn.Module):
                     u = slot[id(t)] = len(uniq)
                     uniq.append(t)
                 rmap.append(u)
-        return _Penalty.apply(self.weights, self.norm, self.delta, tuple(lmap), tuple(rmap), *uniq)
+        return _Penalty.apply(self.weights, self.norm, self.delta, self._uniform, tuple(lmap), tuple(rmap), *uniq)
 
     # ---- schedules -------------------------------------------------------------------------
     def step(self) -> None:
