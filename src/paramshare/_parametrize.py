@@ -16,6 +16,8 @@ ties (``copy.deepcopy`` already works).
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
@@ -91,11 +93,28 @@ def remove_derived(module: nn.Module, attr: str) -> None:
     """
     if not parametrize.is_parametrized(module, attr):
         return
+    own_class(module)
     delattr(module.__class__, attr)
     del module.parametrizations[attr]
     if not parametrize.is_parametrized(module):
         delattr(module, "parametrizations")
         module.__class__ = module.__class__.__bases__[0]
+
+
+def own_class(module: nn.Module) -> None:
+    """Give a parametrized module a class of its own before its class attributes change.
+
+    ``copy.deepcopy`` (and ``torch.nn.utils.parametrize`` itself) leave copies of a
+    parametrized module sharing one injected class, which holds the properties of the
+    parametrized attributes; adding or removing one on a copy would change every copy.
+    """
+    cls = module.__class__
+    owner = cls.__dict__.get("_paramshare_owner")
+    if not parametrize.is_parametrized(module) or (owner is not None and owner() is module):
+        return
+    namespace = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+    namespace["_paramshare_owner"] = weakref.ref(module)
+    module.__class__ = type(cls.__name__, cls.__bases__, namespace)
 
 
 def set_plain(module: nn.Module, attr: str, param: nn.Parameter) -> None:
@@ -124,6 +143,7 @@ def set_derived(module: nn.Module, attr: str, parametrization: nn.Module, origin
     placeholder = nn.Parameter(torch.empty(0, device="meta"), requires_grad=False)
     module._buffers.pop(attr, None)
     module._parameters[attr] = placeholder
+    own_class(module)  # registering adds a property to the class, which copies may share
     parametrize.register_parametrization(module, attr, _Placeholder(), unsafe=True)
     plist = module.parametrizations[attr]
     plist[0] = parametrization
