@@ -26,15 +26,18 @@ from .checkpoint import Checkpoint, LoadResult, load, read, save  # noqa: E402 -
 from .errors import CheckpointError  # noqa: E402
 from .soft import SoftTie, SoftTieWarning, anchor, group_tie, harden, soft_tie  # noqa: E402 - soft tying
 from .growl import GrOWL, growl_tie, owl_norm, owl_regression, owl_weights, prox_owl, tie_rows  # noqa: E402 - GrOWL
-from . import distributed  # noqa: E402 - ps.distributed: DDP/FSDP2 with ties (fsdp_groups, shard, check_ties)
 
 from .bank import materialize, template_share  # noqa: E402 - template banks, back to dense
 from .basis import basis_share  # noqa: E402 - basis sharing across layers
 from .relaxed import convert_to_shared, relax  # noqa: E402 - relaxed (low-rank delta) sharing
 from .cluster import cluster, kmeans1d, uncluster  # noqa: E402 - weight clustering (the codebook kind)
+from . import nn  # noqa: E402 - ps.nn: modules with sharing built in (Siamese, TiedAutoencoder, ...)
+from . import distributed  # noqa: E402 - ps.distributed: DDP/FSDP2 with ties (fsdp_groups, shard, check_ties)
 
 __all__ = [
     "__version__",
+    # modules with sharing built in
+    "nn",
     # distributed training (ps.distributed.fsdp_groups, shard, check_ties)
     "distributed",
     # errors
