@@ -16,6 +16,7 @@ from . import __version__
 #: name -> (module, one-line help). A subcommand is one module and one line here.
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("paramshare._demo", "tie and share a small model, then print what sharing saved"),
+    "study": ("paramshare.study.cli", "what sharing buys, measured on real data: tables, report.md and plots"),
     "inspect": ("paramshare._cli_inspect", "show what a weights file holds: sizes, plan, exact/transposed/near duplicates"),
     "dedupe": ("paramshare._cli_dedupe", "write a paramshare checkpoint of a weights file with its duplicates tied"),
     "compress": ("paramshare.cluster.compress", "cluster the weights of a safetensors file into a paramshare checkpoint (codebooks, packed labels)"),
