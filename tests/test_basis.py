@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 import paramshare as ps
-from paramshare.kinds.bank import Bank
+from paramshare.basis import _calibrate
+from paramshare.kinds.bank import Bank, basis_spectrum, fit_basis
 
 
 def mlp(n: int = 4, d: int = 16, seed: int = 0) -> nn.Sequential:
@@ -107,19 +108,45 @@ def test_calibration_measurably_improves_output_fidelity():
     assert calibrated < 0.5 * plain
 
 
-def test_calibration_with_one_layer_per_group_is_activation_aware_svd():
-    # whitened truncated SVD is optimal for the layer's output error on the calibration inputs
-    cal = _correlated_inputs(256, 16, seed=1)
-    m = mlp(n=1)
-    w = m[0].weight.detach().clone().double()
-    ps.basis_share(m, "0.weight", rank=4, group_size=1, calibration=[cal])
-    x = cal.double()
-    err = (x @ (m[0].weight.detach().double() - w).T).square().sum()
+def test_fit_basis_minimises_the_sensitivity_weighted_whitened_error():
+    # one layer: the weighted, whitened truncated SVD is the optimum of ||D (W - W') S||
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(10, 16, generator=g, dtype=torch.float64)
+    x = _correlated_inputs(256, 16, seed=1).double()
+    d = torch.rand(10, generator=g, dtype=torch.float64) + 0.1
     gram = x.T @ x
+    t, (c,) = fit_basis([w], 4, "basis_in", [gram], [d])
+    err = (d[:, None] * (x @ (c @ t - w).T).T).square().sum()
     evals, evecs = torch.linalg.eigh(gram)
-    s = evecs * evals.clamp(min=0).sqrt()
-    tail = torch.linalg.svdvals(w @ s)[4:].square().sum()
-    torch.testing.assert_close(err, tail, rtol=1e-3, atol=1e-6)
+    tail = torch.linalg.svdvals(d[:, None] * w @ (evecs * evals.clamp(min=0).sqrt()))[4:].square().sum()
+    torch.testing.assert_close(err, tail, rtol=1e-6, atol=1e-9)
+    assert torch.allclose(basis_spectrum([w], [gram], [d])[4:].square().sum(), tail)
+    # negative: ignoring the weights is worse on the weighted error
+    t0, (c0,) = fit_basis([w], 4, "basis_in", [gram])
+    assert (d[:, None] * (x @ (c0 @ t0 - w).T).T).square().sum() > 1.01 * tail
+
+
+def test_calibration_records_input_moments_and_output_sensitivity():
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 4)
+    scale = torch.tensor([0.1, 1.0, 3.0, 0.0])
+    model = nn.Sequential(lin, Scale(scale))
+    x = torch.randn(4096, 8)
+    stats = _calibrate(model, [x[:2048], x[2048:]], [ps._index.ModelIndex(model).uses["0.weight"]])
+    st = stats["0.weight"]
+    torch.testing.assert_close(st.gram, (x.double().T @ x.double()), rtol=1e-9, atol=1e-6)
+    assert st.tokens == 4096
+    d = (st.sens / st.tokens).sqrt()  # |d out / d y| per channel: the scale (zero stays zero)
+    torch.testing.assert_close(d.float(), scale, rtol=0.05, atol=1e-6)
+
+
+class Scale(nn.Module):
+    def __init__(self, s):
+        super().__init__()
+        self.register_buffer("s", s)
+
+    def forward(self, y):
+        return y * self.s
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,7 @@ from .bank import _check_int
 from .errors import SharingError, did_you_mean
 from .kinds._common import fmt_shape
 from .kinds._derived import dense, requires_grad_of
-from .kinds.bank import Bank, fit_basis
+from .kinds.bank import Bank, basis_spectrum, fit_basis
 
 __all__ = ["basis_share"]
 
@@ -118,14 +118,20 @@ def basis_share(
     order); groups of ``group_size`` consecutive members share a basis ``B`` ``(k, in)`` and
     each member keeps coefficients ``C`` ``(out, k)``, so it computes ``W = C @ B`` (the ``bank``
     kind, form ``"basis_in"``). A group of n weights of ``(out, in)`` stores ``k * (in + n * out)``
-    numbers instead of ``n * out * in``; ``ratio`` picks the largest k that removes at least that
-    fraction of every family's parameters. ``group_size=1`` is per-layer truncated SVD.
+    numbers instead of ``n * out * in``; without calibration ``ratio`` picks the largest k that
+    removes at least that fraction of every family's parameters. ``group_size=1`` is per-layer
+    truncated SVD.
 
-    With ``calibration`` (activation-aware, as SVD-LLM), the weights' inputs on those batches
-    are recorded and the factorisation minimises the error of each layer's outputs on them
-    rather than of its weights: the shared basis comes from the SVD of the stacked weights
-    whitened by the group's input second moments, and each layer's coefficients are then
-    refitted to its own inputs.
+    With ``calibration`` the factorisation is activation-aware: it minimises an estimate of the
+    error in the model's *outputs* on those batches rather than of the weights. Two statistics
+    are recorded per weight: the second moments of its inputs (as SVD-LLM whitens by them), and
+    how strongly each of its output channels moves the model's outputs (a random projection of
+    the outputs backpropagated to the layer: an estimate of the diagonal of ``J^T J``). The
+    shared basis is the SVD of the group's stacked weights, rows scaled by that sensitivity and
+    columns whitened by the summed input moments; each layer's coefficients are then refitted
+    to its own inputs; and with ``ratio`` each family's budget is shared among its groups where
+    that error falls fastest, so ranks may differ between groups (the family as a whole still
+    loses at least ``ratio`` of its parameters).
 
     Args:
         model: the model (changed in place), e.g. a Hugging Face BERT or a plain stack.
@@ -136,9 +142,11 @@ def basis_share(
         group_size: how many consecutive layers share one basis (the last group may be smaller).
         calibration: optional iterable of input batches: a tensor is passed positionally
             (``model(batch)``), a dict as keyword arguments (``model(**batch)``), a tuple or list
-            as positional arguments. Run in eval mode without gradients; a dict's
-            ``attention_mask`` (batch, sequence) leaves padding positions out. Calibration needs
-            weights applied to the last dimension of their module's input (``nn.Linear``).
+            as positional arguments. Run in eval mode (restored afterwards), one forward and
+            one backward pass per batch; a dict's ``attention_mask`` (batch, sequence) leaves
+            padding positions out. Calibration needs weights applied to the last dimension of
+            their module's input (``nn.Linear``). When the model returns no floating tensor,
+            every output channel counts the same.
 
     Returns:
         ``model``.
@@ -172,42 +180,89 @@ def basis_share(
         _check_int(rank, "rank", 1, None)
     _check_int(group_size, "group_size", 1, None)
     families = _family_uses(index, pattern)
-    groups: list[tuple[list[Use], int]] = []
+    fam_groups: list[list[list[Use]]] = []
+    ranks: list[list[int]] = []
     for pat, uses in families:
         shape = tuple(uses[0].param.shape)
-        for g0 in range(0, len(uses), group_size):
-            members = uses[g0 : g0 + group_size]
+        gl = [uses[g0 : g0 + group_size] for g0 in range(0, len(uses), group_size)]
+        ks = []
+        for members in gl:
             what = f"the group {members[0].name!r}" + (f" .. {members[-1].name!r}" if len(members) > 1 else "")
-            groups.append((members, _rank_for(len(members), shape, ratio, rank, what)))
-    grams = None
+            ks.append(_rank_for(len(members), shape, ratio, rank, what))
+        fam_groups.append(gl)
+        ranks.append(ks)
+    stats = None
     if calibration is not None:
-        grams = _calibrate(model, calibration, [u for members, _ in groups for u in members])
+        stats = _calibrate(model, calibration, [u for _, uses in families for u in uses])
+
+    def weights_of(members):
+        grams = None if stats is None else [stats[u.name].gram for u in members]
+        rows = None if stats is None else [stats[u.name].row_weights() for u in members]
+        return grams, (None if rows is None or any(r is None for r in rows) else rows)
+
+    if stats is not None and ratio is not None and not _is_meta(families):
+        ranks = [_allocate(gl, ratio, weights_of) for gl in fam_groups]
     # Everything is valid: factorise each group, then install.
     built = []
-    for members, k in groups:
-        with torch.no_grad():
-            values = [u.param.detach() for u in members]
-            if values[0].device.type == "meta":
-                t = torch.empty((k,) + tuple(values[0].shape[1:]), dtype=values[0].dtype, device="meta")
-                coeffs = [torch.empty(v.shape[0], k, dtype=v.dtype, device="meta") for v in values]
-            else:
-                gs = None if grams is None else [grams[u.name] for u in members]
-                t, coeffs = fit_basis(values, k, FORM, gs)
-        built.append((members, nn.Parameter(dense(t), requires_grad=requires_grad_of(members[0])), coeffs))
+    for gl, ks in zip(fam_groups, ranks):
+        for members, k in zip(gl, ks):
+            with torch.no_grad():
+                values = [u.param.detach() for u in members]
+                if values[0].device.type == "meta":
+                    t = torch.empty((k,) + tuple(values[0].shape[1:]), dtype=values[0].dtype, device="meta")
+                    coeffs = [torch.empty(v.shape[0], k, dtype=v.dtype, device="meta") for v in values]
+                else:
+                    grams, rows = weights_of(members)
+                    t, coeffs = fit_basis(values, k, FORM, grams, rows)
+            built.append((members, nn.Parameter(dense(t), requires_grad=requires_grad_of(members[0])), coeffs))
     for members, tmpl, coeffs in built:
         for u, c in zip(members, coeffs):
             set_derived(u.module, u.attr, Bank(FORM, c, tuple(u.param.shape)), tmpl)
     return model
 
 
+def _is_meta(families) -> bool:
+    return any(u.param.device.type == "meta" for _, uses in families for u in uses)
+
+
+def _allocate(groups: list[list[Use]], ratio: float, weights_of) -> list[int]:
+    """Ranks for a family's groups that keep at most (1 - ratio) of its parameters.
+
+    Every group gets rank 1; the rest of the budget goes, one rank at a time, where it removes
+    the most calibrated output error per stored number: the next singular value squared of the
+    group's weighted, whitened stacked weights (see ``basis_spectrum``) over the numbers that
+    rank costs. With equal costs this keeps the largest components across the whole family.
+    """
+    shape = tuple(groups[0][0].param.shape)
+    out, inn = int(shape[0]), int(math.prod(shape[1:]))
+    total = sum(len(g) * out * inn for g in groups)
+    budget = math.floor((1.0 - ratio) * total + 1e-9)
+    costs = [inn + len(g) * out for g in groups]
+    ks = [1] * len(groups)
+    used = sum(costs)
+    candidates = []
+    with torch.no_grad():
+        for gi, members in enumerate(groups):
+            grams, rows = weights_of(members)
+            sv = basis_spectrum([u.param.detach() for u in members], grams, rows)
+            full = min(len(members) * out, inn)
+            candidates += [(float(v) ** 2 / costs[gi], gi) for v in sv[1:full].tolist()]
+    candidates.sort(key=lambda c: -c[0])
+    for _, gi in candidates:
+        if used + costs[gi] <= budget:
+            ks[gi] += 1
+            used += costs[gi]
+    return ks
+
+
 # ---- calibration -------------------------------------------------------------------------------
-def _run(model: nn.Module, batch, i: int) -> None:
+def _run(model: nn.Module, batch, i: int):
     if isinstance(batch, torch.Tensor):
-        model(batch)
-    elif isinstance(batch, Mapping):
-        model(**batch)
-    elif isinstance(batch, (tuple, list)):
-        model(*batch)
+        return model(batch)
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
     else:
         raise SharingError(
             f"calibration batch {i} is a {type(batch).__name__}; give tensors (passed positionally), "
@@ -215,8 +270,41 @@ def _run(model: nn.Module, batch, i: int) -> None:
         )
 
 
-def _calibrate(model: nn.Module, calibration, uses: list[Use]) -> dict[str, torch.Tensor]:
-    """Input Gram matrices ``X^T X`` (float64) of each use's module over the calibration batches."""
+class _Stats:
+    """What calibration records for one weight: input Gram, tokens seen, output sensitivity."""
+
+    def __init__(self):
+        self.gram: torch.Tensor | None = None
+        self.tokens = 0
+        self.sens: torch.Tensor | None = None  # sum over tokens of (d proj / d output)^2, per output channel
+
+    def row_weights(self) -> torch.Tensor | None:
+        if self.sens is None or self.tokens == 0:
+            return None
+        d = (self.sens / self.tokens).sqrt()
+        return d.clamp(min=1e-6 * float(d.max().clamp(min=1e-30)))
+
+
+def _float_tensors(out) -> list[torch.Tensor]:
+    """The floating tensors a model returned (tensors, tuples, lists, dicts, Hugging Face outputs)."""
+    if isinstance(out, torch.Tensor):
+        return [out] if out.is_floating_point() else []
+    if isinstance(out, Mapping):
+        return [t for v in out.values() for t in _float_tensors(v)]
+    if isinstance(out, (tuple, list)):
+        return [t for v in out for t in _float_tensors(v)]
+    return []
+
+
+def _calibrate(model: nn.Module, calibration, uses: list[Use]) -> dict[str, _Stats]:
+    """Per use: the Gram matrix ``X^T X`` (float64) of its module's inputs over the calibration
+    batches, and how strongly each of its output channels moves the model's outputs.
+
+    The sensitivity is ``E[(d(r . f(x)) / d y)^2]`` per output channel ``y`` of the layer, with
+    ``r`` a random Gaussian projection of the model's floating outputs ``f(x)``: an unbiased
+    estimate of the diagonal of ``J^T J`` (J: the Jacobian of the outputs with respect to the
+    layer's output), i.e. how much an error in that channel changes what the model returns.
+    """
     if isinstance(calibration, (torch.Tensor, Mapping)):
         batches = [calibration]
     else:
@@ -235,11 +323,18 @@ def _calibrate(model: nn.Module, calibration, uses: list[Use]) -> dict[str, torc
     by_module: dict[int, list[Use]] = {}
     for u in uses:
         by_module.setdefault(id(u.module), []).append(u)
-    grams: dict[str, torch.Tensor] = {}
-    state = {"mask": None}
+    stats: dict[str, _Stats] = {u.name: _Stats() for u in uses}
+    state: dict = {"mask": None, "outputs": []}
     problems: list[str] = []
 
-    def hook(module, args, kwargs):
+    def select(t: torch.Tensor) -> torch.Tensor:
+        """Rows of a (..., features) tensor, padding positions left out."""
+        mask = state["mask"]
+        if mask is not None and t.dim() >= 3 and tuple(t.shape[:2]) == tuple(mask.shape):
+            t = t[mask.to(device=t.device, dtype=torch.bool)]
+        return t.reshape(-1, t.shape[-1]).to(torch.float64)
+
+    def pre_hook(module, args, kwargs):
         x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
         for u in by_module[id(module)]:
             if x is None or x.shape[-1] != u.param.shape[1]:
@@ -249,46 +344,82 @@ def _calibrate(model: nn.Module, calibration, uses: list[Use]) -> dict[str, torc
                     "weights applied to the last dimension of their module's input (nn.Linear)"
                 )
                 continue
-            rows = x.detach()
-            mask = state["mask"]
-            if mask is not None and rows.dim() >= 3 and tuple(rows.shape[:2]) == tuple(mask.shape):
-                rows = rows[mask.to(device=rows.device, dtype=torch.bool)]
-            rows = rows.reshape(-1, rows.shape[-1]).to(torch.float64)
+            rows = select(x.detach())
+            st = stats[u.name]
             g = rows.T @ rows
-            grams[u.name] = grams[u.name] + g if u.name in grams else g
+            st.gram = g if st.gram is None else st.gram + g
+            st.tokens += rows.shape[0]
+
+    def post_hook(module, args, out):
+        if isinstance(out, torch.Tensor) and out.requires_grad:
+            state["outputs"].append((id(module), out))
 
     handles = []
     modes = [(m, m.training) for m in model.modules()]
+    grad_flags = [(u.param, u.param.requires_grad) for u in uses]
+    gen = torch.Generator().manual_seed(0)
     try:
-        for mid, us in by_module.items():
-            handles.append(us[0].module.register_forward_pre_hook(hook, with_kwargs=True))
+        for us in by_module.values():
+            handles.append(us[0].module.register_forward_pre_hook(pre_hook, with_kwargs=True))
+            handles.append(us[0].module.register_forward_hook(post_hook))
         model.eval()
-        with torch.no_grad():
-            for i, batch in enumerate(batches):
-                state["mask"] = batch.get("attention_mask") if isinstance(batch, Mapping) else None
-                if isinstance(state["mask"], torch.Tensor) and state["mask"].dim() != 2:
-                    state["mask"] = None
-                try:
-                    _run(model, batch, i)
-                except SharingError:
-                    raise
-                except Exception as e:
-                    raise SharingError(
-                        f"calibration batch {i} cannot run through the model ({type(e).__name__}: {e}); pass batches the "
-                        "model accepts: a tensor is passed positionally, a dict as keyword arguments, a tuple as "
-                        "positional arguments"
-                    ) from None
-                if problems:
-                    raise SharingError(problems[0])
+        for p, _ in grad_flags:
+            p.requires_grad_(True)  # so every layer's output is part of the graph
+        for i, batch in enumerate(batches):
+            mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+            state["mask"] = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+            state["outputs"] = []
+            try:
+                with torch.enable_grad():
+                    out = _run(model, batch, i)
+            except SharingError:
+                raise
+            except Exception as e:
+                raise SharingError(
+                    f"calibration batch {i} cannot run through the model ({type(e).__name__}: {e}); pass batches the "
+                    "model accepts: a tensor is passed positionally, a dict as keyword arguments, a tuple as "
+                    "positional arguments"
+                ) from None
+            if problems:
+                raise SharingError(problems[0])
+            with torch.enable_grad():
+                _accumulate_sensitivity(out, state, stats, by_module, select, gen)
     finally:
         for h in handles:
             h.remove()
         for m, mode in modes:
             m.training = mode
-    unused = [u.name for u in uses if u.name not in grams]
+        for p, flag in grad_flags:
+            p.requires_grad_(flag)
+    unused = [u.name for u in uses if stats[u.name].gram is None]
     if unused:
         raise SharingError(
             f"the calibration batches never reached {', '.join(map(repr, unused[:4]))}"
             f"{' and more' if len(unused) > 4 else ''}; pass batches that run through those layers"
         )
-    return grams
+    return stats
+
+
+def _accumulate_sensitivity(out, state, stats, by_module, select, gen) -> None:
+    """Backpropagate a random projection of the outputs to every recorded layer output."""
+    targets = [t for t in _float_tensors(out) if t.requires_grad]
+    captured = state["outputs"]
+    state["outputs"] = []
+    if not targets or not captured:
+        return
+    total = 0
+    for t in targets:
+        r = torch.randn(t.shape, generator=gen, dtype=torch.float32).to(device=t.device, dtype=t.dtype)
+        mask = state["mask"]
+        if mask is not None and t.dim() >= 2 and tuple(t.shape[:2]) == tuple(mask.shape):
+            r = r * mask.to(device=t.device, dtype=t.dtype).reshape(tuple(mask.shape) + (1,) * (t.dim() - 2))
+        total = total + (t * r).sum()
+    grads = torch.autograd.grad(total, [o for _, o in captured], allow_unused=True)
+    for (mid, _), g in zip(captured, grads):
+        if g is None:
+            continue
+        sq = select(g.detach()).square().sum(0)
+        for u in by_module[mid]:
+            st = stats[u.name]
+            if sq.shape[0] == u.param.shape[0]:
+                st.sens = sq if st.sens is None else st.sens + sq

@@ -135,17 +135,46 @@ def _whitener(gram: torch.Tensor, damp: float = 1e-6) -> tuple[torch.Tensor, tor
     return evecs * root, evecs.T / root[:, None]
 
 
+def _stacked_basis_in(mats, grams, row_weights):
+    """(matrix whose row space gives the basis, S^-1 or None) for the ``basis_in`` form."""
+    if grams is None:
+        s_mat = s_inv = None
+    else:
+        s_mat, s_inv = _whitener(sum(_f64(g) for g in grams))
+    rows = mats if row_weights is None else [_f64(d)[:, None] * m for d, m in zip(row_weights, mats)]
+    stacked = torch.cat(rows, dim=0)
+    return (stacked if s_mat is None else stacked @ s_mat), s_inv
+
+
+def basis_spectrum(
+    weights: Sequence[torch.Tensor], grams: Sequence[torch.Tensor] | None = None,
+    row_weights: Sequence[torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Singular values of the (weighted, whitened) stacked weights that :func:`fit_basis` truncates.
+
+    ``sum(s[k:] ** 2)`` is the error a rank-k shared ``basis_in`` basis leaves (before the
+    per-layer refit), so these values tell where extra rank pays most.
+    """
+    ws = tuple(weights[0].shape)
+    mats = [_f64(w).reshape(ws[0], -1) for w in weights]
+    m, _ = _stacked_basis_in(mats, grams, row_weights)
+    return torch.linalg.svdvals(m)
+
+
 def fit_basis(
-    weights: Sequence[torch.Tensor], rank: int, form: str, grams: Sequence[torch.Tensor] | None = None
+    weights: Sequence[torch.Tensor], rank: int, form: str, grams: Sequence[torch.Tensor] | None = None,
+    row_weights: Sequence[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """A shared rank-``rank`` basis for same-shaped weights: (templates, [coeff per weight]).
 
-    Minimises ``sum_i ||(W_i - W'_i) S_i||_F`` where ``S_i S_i^T`` is weight i's input Gram
+    Minimises ``sum_i ||D_i (W_i - W'_i) S_i||_F`` where ``S_i S_i^T`` is weight i's input Gram
     matrix (``grams``; identity when None), i.e. the error of each layer's outputs on its
-    calibration inputs. ``basis_out`` (shared column basis) solves this exactly by one SVD of
-    ``[W_1 S_1, ..., W_n S_n]``; ``basis_in`` (shared row basis) takes the SVD of
-    ``[W_1; ...; W_n] S`` with one whitening ``S`` from the summed Grams and then refits each
-    layer's coefficients to its own Gram matrix.
+    calibration inputs, and ``D_i = diag(row_weights[i])`` weighs its output channels (identity
+    when None). ``basis_out`` (shared column basis, ``row_weights`` unused) solves this exactly
+    by one SVD of ``[W_1 S_1, ..., W_n S_n]``; ``basis_in`` (shared row basis) takes the SVD of
+    ``[D_1 W_1; ...; D_n W_n] S`` with one whitening ``S`` from the summed Grams and then refits
+    each layer's coefficients to its own Gram matrix (exact least squares per output row, so
+    ``D_i`` does not enter the refit).
     """
     ws = tuple(weights[0].shape)
     dtype = weights[0].dtype
@@ -164,19 +193,15 @@ def fit_basis(
             coeffs.append((block if s_inv is None else block @ s_inv).to(dtype).contiguous())
         return templates.to(dtype).contiguous(), coeffs
     # basis_in
-    if grams is None:
-        s_mat = s_inv = None
-    else:
-        s_mat, s_inv = _whitener(sum(_f64(g) for g in grams))
-    stacked = torch.cat(mats, dim=0)
-    u, s, vh = _svd(stacked if s_mat is None else stacked @ s_mat, rank)
+    stacked, s_inv = _stacked_basis_in(mats, grams, row_weights)
+    u, s, vh = _svd(stacked, rank)
     basis = vh[:rank] if s_inv is None else vh[:rank] @ s_inv  # (k, in)
     coeffs = []
     for i, m in enumerate(mats):
-        if grams is None:
+        if grams is None and row_weights is None:
             c = u[i * ws[0] : (i + 1) * ws[0], :rank] * s[:rank]
         else:  # least squares on this layer's own inputs: min ||(W - C B) S_i||
-            g = _f64(grams[i])
+            g = _f64(grams[i]) if grams is not None else torch.eye(basis.shape[1], dtype=basis.dtype, device=basis.device)
             bg = basis @ g
             lhs = bg @ basis.T
             lhs = lhs + 1e-10 * lhs.diagonal().mean().clamp(min=1e-30) * torch.eye(rank, dtype=lhs.dtype, device=lhs.device)
