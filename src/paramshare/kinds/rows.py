@@ -273,7 +273,7 @@ class Rows(Kind):
             stored_numel=stored,
             stored_bytes=stored * es,
             saved_bytes=used * es - stored * es - extra,
-            detail=f"{n} {what}: {k} shared vectors, {pruned} pruned",
+            detail=f"{n} {what}: {k} shared vector{'s' if k != 1 else ''}, {pruned} pruned",
         )
 
     def untie(self, index: ModelIndex, group: TieGroup, names: set[str]) -> None:
