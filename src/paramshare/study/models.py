@@ -96,10 +96,16 @@ class Block(nn.Module):
 
 
 class DeepCNN(nn.Module):
-    """A stride-2 stem, ``depth`` residual blocks (optionally sharing ``unique`` blocks' weights), a linear head."""
+    """A stride-2 stem, ``depth`` residual blocks, a linear head.
+
+    The blocks may share the parameters of ``unique`` of them (:func:`paramshare.share_layers`),
+    plus a rank-``relax_rank`` delta per use (:func:`paramshare.relax`), or mix their filters
+    from ``templates`` shared templates (:func:`paramshare.template_share`).
+    """
 
     def __init__(self, channels: int, length: int, classes: int, depth: int = 6, width: int = 24,
-                 unique: int | None = None, strategy: str = "cycle"):
+                 unique: int | None = None, strategy: str = "cycle", templates: int | None = None,
+                 relax_rank: int | None = None):
         super().__init__()
         self.stem = nn.Conv1d(channels, width, 5, stride=2, padding=2)
         out_len = conv_length(length, 5, 2, 2)
@@ -107,6 +113,14 @@ class DeepCNN(nn.Module):
         self.linear = nn.Linear(width * out_len, classes)
         if unique is not None and unique < depth:
             share_layers(self.blocks, unique=unique, strategy=strategy)
+        if relax_rank:  # every use of a shared block reads it plus its own low-rank delta
+            from ..relaxed import relax
+
+            relax(self.blocks, rank=relax_rank)
+        if templates:  # each block's filters are a learned mixture of a few shared templates
+            from ..bank import template_share
+
+            template_share(self.blocks, templates=templates, params=("conv.weight",))
 
     def forward(self, x):
         x = self.stem(x).relu()

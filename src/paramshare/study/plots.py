@@ -29,10 +29,11 @@ def draw(fig_spec: Figure, folder: Path) -> Path:
     for x0, y0, x1, y1 in fig_spec.arrows:
         ax.annotate("", (x1, y1), xytext=(x0, y0), arrowprops={"arrowstyle": "->", "color": "0.6", "lw": 0.9,
                                                                "shrinkA": 5, "shrinkB": 5}, zorder=1)
-    for y, label in fig_spec.hlines:
+    for y, label, *where in fig_spec.hlines:
+        left = where == ["left"]
         ax.axhline(y, color="0.5", linestyle=":", linewidth=1, zorder=0.5)
-        ax.annotate(label, (0.99, y), xycoords=("axes fraction", "data"), va="bottom", ha="right", fontsize=8,
-                    color="0.35", zorder=5)
+        ax.annotate(label, (0.01 if left else 0.99, y), xycoords=("axes fraction", "data"), va="bottom",
+                    ha="left" if left else "right", fontsize=8, color="0.35", zorder=5)
     ax.set_title(fig_spec.title, fontsize=12)
     ax.set_xlabel(fig_spec.xlabel)
     ax.set_ylabel(fig_spec.ylabel)

@@ -17,7 +17,7 @@ class Column:
     """A table column: ``key`` into each row, a header, and a format.
 
     Formats: ``"str"``, ``"int"`` (thousands separators), ``"pct"`` (0.943 -> 94.3%),
-    ``"pct_pm"`` (a ``[mean, std]`` pair -> 94.3 +- 0.4%), ``"pts"`` (a signed difference
+    ``"pct_pm"`` (a ``[mean, std]`` pair -> 94.3 +- 0.4%; std None for one seed), ``"pts"`` (a signed difference
     in percentage points), ``"f3"``/``"f4"`` (fixed decimals), ``"x"`` (a ratio, 6.3x).
     """
 
@@ -35,7 +35,7 @@ def fmt_value(value, fmt: str) -> str:
         return f"{100 * value:.1f}%"
     if fmt == "pct_pm":
         mean, std = value
-        return f"{100 * mean:.1f} +- {100 * std:.1f}%"
+        return f"{100 * mean:.1f}%" if std is None else f"{100 * mean:.1f} +- {100 * std:.1f}%"
     if fmt == "pts":
         return f"{100 * value:+.1f} pts"
     if fmt == "f3":
@@ -77,7 +77,7 @@ class Figure:
     categories: list[str] | None = None  # bar groups (kind="bars")
     ylim: tuple | None = None
     yfmt: str = "pct"  # "pct": y in [0, 1] shown as percent; "plain"
-    hlines: list[tuple] = field(default_factory=list)  # (y, label)
+    hlines: list[tuple] = field(default_factory=list)  # (y, label) or (y, label, "left")
     arrows: list[tuple] = field(default_factory=list)  # (x0, y0, x1, y1): thin arrows between points
     note: str = ""  # small text under the plot (e.g. "quick run: 1000 steps")
 

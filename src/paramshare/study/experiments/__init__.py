@@ -20,4 +20,6 @@ EXPERIMENTS: dict[str, str] = {
     "limited_data": "paramshare.study.experiments.limited_data",
     "how_much": "paramshare.study.experiments.how_much",
     "siamese_autoencoder": "paramshare.study.experiments.siamese_autoencoder",
+    "compression": "paramshare.study.experiments.compression",
+    "soft_tying": "paramshare.study.experiments.soft_tying",
 }

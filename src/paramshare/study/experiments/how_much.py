@@ -16,28 +16,38 @@ QUESTION = (
     "of only M of them (ps.share_layers), against unshared CNNs of depth M: the same stored parameters, "
     "with and without the extra depth that reuse gives. Where does sharing start to underfit?"
 )
-FULL_STEPS, QUICK_STEPS = 2500, 250
+FULL_STEPS, QUICK_STEPS = 1500, 200
 FULL_SEEDS, QUICK_SEEDS = 2, 1
 UNIQUE = (1, 2, 3)
+RELAX_RANK, TEMPLATES = 2, 2
 TRAIN = "paramshare.study.train:train_classifier"
 
 
 def _configs(ctx: StudyContext) -> list[dict]:
     """(label, kwargs) of every network in the sweep."""
+    depths, unique = ((1, 2, DEPTH), (1, 2)) if ctx.quick else ((1, 2, 3, DEPTH), UNIQUE)
     out = [{"label": f"unshared, depth {d}", "family": "unshared", "depth": d, "unique": d, "strategy": "-"}
-           for d in (1, 2, 3, DEPTH)]
+           for d in depths]
     strategies = ("cycle",) if ctx.quick else ("cycle", "sequence")
-    for m in UNIQUE:
+    for m in unique:
         for s in (("all",) if m == 1 else strategies):
             out.append({"label": f"{DEPTH} blocks, {m} unique ({s})", "family": s, "depth": DEPTH, "unique": m, "strategy": s})
+    out.append({"label": f"{DEPTH} blocks, 1 shared + rank-{RELAX_RANK} deltas (relax)", "family": "relax",
+                "depth": DEPTH, "unique": 1, "strategy": "all", "relax_rank": RELAX_RANK})
+    out.append({"label": f"{DEPTH} blocks mixing {TEMPLATES} templates (template_share)", "family": "templates",
+                "depth": DEPTH, "unique": TEMPLATES, "strategy": "-", "templates": TEMPLATES})
     return out
 
 
 def _job(ctx: StudyContext, c: dict, seed: int) -> Job:
     steps = ctx.steps(FULL_STEPS, QUICK_STEPS)
     kw = {"depth": c["depth"], "width": WIDTH}
-    if c["family"] != "unshared":
+    if c["family"] == "templates":
+        kw.update(templates=c["templates"])
+    elif c["family"] != "unshared":
         kw.update(unique=c["unique"], strategy=c["strategy"])
+    if c.get("relax_rank"):
+        kw.update(relax_rank=c["relax_rank"])
     return job(TRAIN, cost=steps * step_cost("deep", depth=c["depth"]), label=c["label"], model="deep", steps=steps,
                seed=seed, **kw)
 
@@ -70,7 +80,8 @@ def summarize(ctx: StudyContext, results: dict) -> Section:
             shared[r["unique"]] = r
     shared[DEPTH] = full
     findings = []
-    gains = [f"M={m}: {100 * (shared[m]['test_acc'] - unshared[m]['test_acc']):+.1f}" for m in UNIQUE]
+    gains = [f"M={m}: {100 * (shared[m]['test_acc'] - unshared[m]['test_acc']):+.1f}" for m in sorted(shared)
+             if m in unshared and m != DEPTH]
     findings.append(
         f"At equal stored parameters, applying M unique blocks {DEPTH} times instead of once each changes test "
         f"accuracy by (points) " + ", ".join(gains) + "."
@@ -84,6 +95,13 @@ def summarize(ctx: StudyContext, results: dict) -> Section:
         + (": the train accuracy drop marks underfitting." if one["train_acc"] < full["train_acc"] - 0.02
            else "; train accuracy barely drops, so even full sharing does not underfit here.")
     )
+    extra = {r["family"]: r for r in rows if r["family"] in ("relax", "templates")}
+    if extra:
+        findings.append(
+            "Between the extremes: " + "; ".join(
+                f"{r['network']} {100 * r['test_acc']:.1f}% with {r['stored_params']:,} stored" for r in extra.values())
+            + f" (full sharing {100 * one['test_acc']:.1f}% with {one['stored_params']:,})."
+        )
     best = max(rows, key=lambda r: r["test_acc"])
     findings.append(f"Best test accuracy: {best['network']} ({100 * best['test_acc']:.1f}%, {best['stored_params']:,} stored).")
     columns = [
@@ -105,6 +123,12 @@ def summarize(ctx: StudyContext, results: dict) -> Section:
         series.append(Series(f"{DEPTH} blocks applied, sharing M unique blocks ({fam})", [r["stored_params"] for r in pts],
                              [r["test_acc"] for r in pts], point_labels=[f"M={r['unique']}" for r in pts] if i == 0 else None,
                              color=i, marker="o^"[i], linestyle="-" if i == 0 else "--", label_offset=(6, -6)))
+    markers = {"relax": ("D", f"1 shared block + rank-{RELAX_RANK} deltas (relax)", 2),
+               "templates": ("P", f"{TEMPLATES} templates mixed per block (template_share)", 3)}
+    for fam, (marker, label, color) in markers.items():
+        if fam in extra:
+            r = extra[fam]
+            series.append(Series(label, [r["stored_params"]], [r["test_acc"]], marker=marker, linestyle="", color=color))
     fig = Figure(
         file="sharing_frontier.png",
         title=f"{ctx.data.title}: how much to share (residual CNN, {DEPTH} blocks)",
@@ -115,7 +139,9 @@ def summarize(ctx: StudyContext, results: dict) -> Section:
     )
     steps = ctx.steps(FULL_STEPS, QUICK_STEPS)
     notes = [f"{steps} training steps per network; accuracies are means over {len(seeds)} seed(s). "
-             "'cycle' repeats blocks A B C A B C, 'sequence' A A B B C C, 'all' one block everywhere."]
+             "'cycle' repeats blocks A B C A B C, 'sequence' A A B B C C, 'all' one block everywhere; "
+             "relax gives each use of the shared block its own low-rank delta; template_share makes each "
+             "block's filters a learned mix of a few shared templates (biases stay per block)."]
     for r in rows:
         r.pop("family")
     return Section("how_much", TITLE, QUESTION, columns, rows, findings, [fig], notes)

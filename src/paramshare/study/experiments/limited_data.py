@@ -35,7 +35,7 @@ def jobs(ctx: StudyContext) -> list[Job]:
 
 
 def _mean_std(values: list[float]) -> list[float]:
-    return [statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0]
+    return [statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None]
 
 
 def summarize(ctx: StudyContext, results: dict) -> Section:
@@ -63,7 +63,8 @@ def summarize(ctx: StudyContext, results: dict) -> Section:
     columns += [Column(m, name, "pct_pm") for m, name in MODELS]
     columns.append(Column("gap", "shared - untied", "pts"))
     series = [
-        Series(name, [c[0] for c in curves[m]], [c[1] for c in curves[m]], err=[c[2] for c in curves[m]], color=i,
+        Series(name, [c[0] for c in curves[m]], [c[1] for c in curves[m]],
+               err=[c[2] for c in curves[m]] if len(seeds) > 1 else None, color=i,
                marker="os^"[i])
         for i, (m, name) in enumerate(MODELS)
     ]

@@ -53,9 +53,9 @@ def summarize(ctx: StudyContext, results: dict) -> Section:
         f"({cnn['stored_params']:,} -> {lc['stored_params']:,}) and changes test accuracy by "
         f"{100 * (lc['test_acc'] - cnn['test_acc']):+.1f} points ({100 * cnn['test_acc']:.1f}% -> {100 * lc['test_acc']:.1f}%); "
         f"it fits the training set to {100 * lc['train_acc']:.1f}% (CNN {100 * cnn['train_acc']:.1f}%).",
-        f"Shuffling the positions costs the CNN {100 * -cnn['drop']:.1f} points, the untied CNN "
-        f"{100 * -lc['drop']:.1f} and the MLP {100 * -mlp['drop']:.1f}: sharing across positions helps exactly "
-        "as far as neighbouring positions belong together.",
+        f"Shuffling the positions changes test accuracy by {100 * cnn['drop']:+.1f} points for the CNN, "
+        f"{100 * lc['drop']:+.1f} for the untied CNN and {100 * mlp['drop']:+.1f} for the MLP, which has no notion "
+        "of position: sharing filters across positions pays only while neighbouring positions belong together.",
     ]
     if cnn["published_shuffled"] is not None:
         findings.append(
