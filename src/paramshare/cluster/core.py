@@ -95,6 +95,7 @@ class _Target:
     requires_grad: bool
     importance: torch.Tensor | None = None
     rows: int | None = None  # rows per codebook, None: whole tensor
+    gram: torch.Tensor | None = None  # E[x x^T] of a Linear weight's input, with calibration data
     result: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
@@ -164,7 +165,7 @@ def _run(model: nn.Module, batch) -> None:
         model(batch)
 
 
-def _importance(model: nn.Module, targets: list[_Target], data) -> None:
+def _importance(model: nn.Module, targets: list[_Target], data, gram: bool = False) -> None:
     """Per-element weights for the clustering error: the input energy each weight multiplies.
 
     ``Linear``: the mean square of input feature ``j`` weights column ``j``; ``Conv``: the
@@ -173,17 +174,19 @@ def _importance(model: nn.Module, targets: list[_Target], data) -> None:
     """
     from torch.nn.utils import parametrize
 
-    stats: dict[int, list] = {}  # id(use) -> [sum, count]
+    stats: dict[int, list] = {}  # id(use) -> [sum, count, gram]
+    grams: dict[int, list] = {}  # the last input seen -> its Gram matrix (q, k and v share one input)
     hooks = []
     for t in targets:
+        want_gram = gram and len(t.uses) == 1 and t.value.dim() == 2
         for u in t.uses:
             base = parametrize.type_before_parametrizations(u.module)
             if u.attr != "weight" or not issubclass(base, DEFAULT_TYPES):
                 continue
-            acc = [None, 0]
+            acc = [None, 0, None]
             stats[id(u)] = acc
 
-            def hook(mod, args, kwargs, acc=acc, base=base):
+            def hook(mod, args, kwargs, acc=acc, base=base, want_gram=want_gram and issubclass(base, nn.Linear)):
                 x = args[0] if args else next(iter(kwargs.values()), None)
                 if not isinstance(x, torch.Tensor):
                     return
@@ -192,8 +195,15 @@ def _importance(model: nn.Module, targets: list[_Target], data) -> None:
                     e = torch.bincount(x.reshape(-1).long().cpu(), minlength=mod.num_embeddings).double()
                     n = 1
                 elif issubclass(base, nn.Linear):
-                    xx = x.double().reshape(-1, x.shape[-1])
-                    e, n = xx.square().sum(0).cpu(), xx.shape[0]
+                    xf = x.reshape(-1, x.shape[-1]).float()
+                    e, n = xf.double().square().sum(0).cpu(), xf.shape[0]
+                    if want_gram:
+                        key = (x.data_ptr(), tuple(x.shape))
+                        g = grams.get(key)
+                        if g is None:
+                            grams.clear()
+                            g = grams[key] = (xf.T @ xf).double().cpu()
+                        acc[2] = g if acc[2] is None else acc[2] + g
                 else:
                     spatial = x.dim() - (2 if x.dim() == mod.weight.dim() else 1)
                     xx = x.double() if x.dim() == mod.weight.dim() else x.double().unsqueeze(0)
@@ -227,6 +237,8 @@ def _importance(model: nn.Module, targets: list[_Target], data) -> None:
             reached = True
             e = acc[0] / max(acc[1], 1)
             total += _broadcast(u, e, t.value.shape)
+            if acc[2] is not None:
+                t.gram = acc[2] / max(acc[1], 1)
         if bool((total > 0).any()):
             t.importance = total
     if not reached:
@@ -267,8 +279,21 @@ def _fit_target(t: _Target, k: int, init: str, prune: float) -> tuple[torch.Tens
     zero = prune > 0
     if value.is_meta:
         return linear_fit(value, k, t.rows, zero)
-    v = value.double().reshape(nb, -1).cpu()
+    # values as float32 when that is exact (float32/16, bfloat16): the fast sort and label paths
+    native = value.detach().cpu().reshape(nb, -1)
+    native = native if native.dtype == torch.float64 else native.float()
     w = None if t.importance is None else t.importance.reshape(nb, -1)
+    if w is not None and not bool((w > 0).any()):
+        w = None
+    if nb == 1 and not zero and init == "optimal":
+        from .kmeans import EXACT_POINTS
+
+        a = native.reshape(-1).numpy()
+        c = _fit(a, None if w is None else w.reshape(-1).numpy(), k, "optimal", EXACT_POINTS)
+        lab = torch.from_numpy(_nearest(a, c))
+        cent = torch.from_numpy(c).to(device=value.device, dtype=value.dtype)
+        return cent, lab.reshape(shape).to(labels_dtype(k)).to(value.device)
+    v = native.double()
     n = v.shape[1]
     if init == "linear" and not zero:
         return linear_fit(value, k, t.rows, False)
@@ -291,7 +316,7 @@ def _fit_target(t: _Target, k: int, init: str, prune: float) -> tuple[torch.Tens
     else:
         c = _optimal(v, w, free, pruned)
     # labels: nearest centroid (of the free ones); pruned weights read the zero centroid
-    lab = torch.from_numpy(np.stack([_nearest(v[b].numpy().astype(np.float64), c[b].numpy()) for b in range(nb)])) if nb <= 4 else _rows_nearest(v, c)
+    lab = torch.from_numpy(np.stack([_nearest(native[b].numpy(), c[b].numpy()) for b in range(nb)])) if nb <= 4 else _rows_nearest(v, c)
     if zero:
         lab = torch.where(pruned, 0, lab + 1)
         c = torch.cat((torch.zeros(nb, 1, dtype=c.dtype), c), 1)
@@ -299,6 +324,81 @@ def _fit_target(t: _Target, k: int, init: str, prune: float) -> tuple[torch.Tens
     if t.rows is None:
         cent = cent.reshape(k)
     return cent, lab.reshape(shape).to(labels_dtype(k)).to(value.device)
+
+
+def _compensate(targets: list[_Target], results: list, block: int = 32, damp: float = 0.01) -> list:
+    """Labels chosen column by column with error compensation, for Linear weights with a Gram matrix.
+
+    With the input second moment ``H = E[x x^T]`` the output error of a weight error ``D`` is
+    ``tr(D H D^T)``. As in GPTQ (Frantar et al. 2023), columns are assigned to their nearest
+    centroid one at a time (largest ``H_jj`` first) and each assignment's error is pushed onto
+    the columns not yet assigned through the Cholesky factor of ``H^-1``, so later labels
+    compensate earlier rounding. The centroids stay those of the activation-weighted k-means;
+    only the labels change. Layers of the same shape are processed together.
+    """
+    from ..kinds.codebook import labels_dtype
+
+    out = list(results)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, t in enumerate(targets):
+        if t.gram is not None and t.value.dim() == 2 and not t.value.is_meta:
+            groups.setdefault((t.value.shape[1], t.value.shape[0]), []).append(i)
+    for (n, _), idx in groups.items():
+        nl = len(idx)
+        outs = [targets[i].value.shape[0] for i in idx]
+        omax = max(outs)
+        k = out[idx[0]][0].shape[-1]
+        nb_max = max(1 if targets[i].rows is None else outs[j] // targets[i].rows for j, i in enumerate(idx))
+        W = torch.zeros(nl, n, omax)
+        H = torch.empty(nl, n, n, dtype=torch.float64)
+        C = torch.zeros(nl, omax, k, dtype=torch.float64)  # each output row's codebook
+        for j, i in enumerate(idx):
+            t = targets[i]
+            W[j, :, :outs[j]] = t.value.detach().float().cpu().T
+            H[j] = t.gram
+            cent = out[i][0].detach().double().cpu().reshape(-1, k)
+            rows = outs[j] if t.rows is None else t.rows
+            C[j, :outs[j]] = cent.repeat_interleave(rows, 0)
+        diag = H.diagonal(dim1=1, dim2=2)
+        dead = diag <= 0
+        H = H + torch.diag_embed(dead.double())
+        W[dead] = 0
+        perm = torch.argsort(H.diagonal(dim1=1, dim2=2), dim=1, descending=True)
+        W = W.gather(1, perm[:, :, None].expand(-1, -1, omax))
+        H = H.gather(1, perm[:, :, None].expand(-1, -1, n)).gather(2, perm[:, None, :].expand(-1, n, -1))
+        H = H + damp * H.diagonal(dim1=1, dim2=2).mean(1)[:, None, None] * torch.eye(n, dtype=H.dtype)
+        try:
+            # the upper Cholesky factor of H^-1 without forming H^-1: with P the reversal,
+            # P H P = M M^T gives H^-1 = (P M^-1 P)^T (P M^-1 P), and P M^-1 P is upper triangular
+            m_low = torch.linalg.cholesky(H.float().flip(-1, -2))
+            eye = torch.eye(n, dtype=m_low.dtype).expand_as(m_low)
+            U = torch.linalg.solve_triangular(m_low, eye, upper=False).flip(-1, -2)
+        except RuntimeError:  # not positive definite even with damping: keep the nearest-centroid labels
+            continue
+        Cf = C.float()
+        mids = ((Cf[..., 1:] + Cf[..., :-1]) / 2).contiguous()
+        Q = torch.empty(nl, n, omax, dtype=torch.long)
+        for i1 in range(0, n, block):
+            i2 = min(i1 + block, n)
+            W1 = W[:, i1:i2].clone()
+            Err = torch.empty_like(W1)
+            U1 = U[:, i1:i2, i1:i2]
+            for i in range(i2 - i1):
+                w = W1[:, i]  # (layers, out)
+                q = torch.searchsorted(mids, w.unsqueeze(-1).contiguous()).squeeze(-1)
+                Q[:, i1 + i] = q
+                err = (w - Cf.gather(2, q.unsqueeze(-1)).squeeze(-1)) / U1[:, i, i, None]
+                if i + 1 < i2 - i1:
+                    W1[:, i + 1:] -= U1[:, i, i + 1:, None] * err[:, None, :]
+                Err[:, i] = err
+            if i2 < n:
+                W[:, i2:] -= U[:, i1:i2, i2:].transpose(1, 2) @ Err
+        Q = Q.gather(1, torch.argsort(perm, dim=1)[:, :, None].expand(-1, -1, omax))
+        for j, i in enumerate(idx):
+            t = targets[i]
+            lab = Q[j, :, :outs[j]].T.contiguous()
+            out[i] = (out[i][0], lab.to(labels_dtype(k)).to(t.value.device))
+    return out
 
 
 def _rows_nearest(v: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -547,10 +647,26 @@ def cluster(
     if data is not None:
         if any(t.value.is_meta for t in targets):
             raise SharingError("cannot use calibration data on a model on the meta device; materialise it first")
-        _importance(model, targets, data)
-    results = [_fit_target(t, k, init, float(prune)) for t in targets]
+        _importance(model, targets, data, gram=init == "optimal" and not prune)
+    results = _fit_all(targets, k, init, float(prune))
+    if data is not None:
+        results = _compensate(targets, results)
     _install(targets, results, k, float(prune) > 0)
     return model
+
+
+def _fit_all(targets: list[_Target], k: int, init: str, prune: float) -> list:
+    """Fit every target, the largest first, on as many threads as torch uses (numpy's sorts,
+    prefix sums and gathers release the GIL)."""
+    workers = max(1, min(torch.get_num_threads(), len(targets), 8))
+    if workers == 1:
+        return [_fit_target(t, k, init, prune) for t in targets]
+    from concurrent.futures import ThreadPoolExecutor
+
+    order = sorted(range(len(targets)), key=lambda i: -targets[i].value.numel())
+    with ThreadPoolExecutor(workers) as pool:
+        futures = {i: pool.submit(_fit_target, targets[i], k, init, prune) for i in order}
+        return [futures[i].result() for i in range(len(targets))]
 
 
 def _install(targets: list[_Target], results, k: int, zero: bool) -> None:
