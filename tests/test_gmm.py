@@ -52,7 +52,7 @@ def test_penalty_equals_the_mixture_formula():
 
 
 def test_fused_log_sum_exp_gradcheck_and_prior_gradients_match_direct_autograd():
-    q = torch.randn(7, 4, dtype=torch.double, requires_grad=True)
+    q = torch.randn(4, 7, dtype=torch.double, requires_grad=True)
     assert torch.autograd.gradcheck(_NegLogSumExp.apply, (q,))
     net = _net().double()
     prior = GMMPrior(net, components=4, pi_zero=None).double()
