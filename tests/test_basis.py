@@ -120,7 +120,7 @@ def test_fit_basis_minimises_the_sensitivity_weighted_whitened_error():
     evals, evecs = torch.linalg.eigh(gram)
     tail = torch.linalg.svdvals(d[:, None] * w @ (evecs * evals.clamp(min=0).sqrt()))[4:].square().sum()
     torch.testing.assert_close(err, tail, rtol=1e-6, atol=1e-9)
-    assert torch.allclose(basis_spectrum([w], [gram], [d])[4:].square().sum(), tail)
+    torch.testing.assert_close(basis_spectrum([w], [gram], [d])[4:].square().sum(), tail, rtol=1e-4, atol=0)
     # negative: ignoring the weights is worse on the weighted error
     t0, (c0,) = fit_basis([w], 4, "basis_in", [gram])
     assert (d[:, None] * (x @ (c0 @ t0 - w).T).T).square().sum() > 1.01 * tail

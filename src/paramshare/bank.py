@@ -44,7 +44,10 @@ def _layer_modules(layers, what: str) -> list[nn.Module]:
     ids = [id(m) for m in mods]
     if len(set(ids)) != len(ids):
         dup = next(i for i, x in enumerate(ids) if ids.index(x) != i)
-        raise SharingError(f"{what}: layer {dup} is the same module object as layer {ids.index(ids[dup])}; pass distinct layers")
+        raise SharingError(
+            f"{what}: layer {dup} is the same module object as layer {ids.index(ids[dup])}; "
+            "pass distinct layers"
+        )
     return mods
 
 
@@ -127,7 +130,10 @@ def template_share(
     for pat in pats:
         hits = [r for r in names0 if fnmatchcase(r, pat)]
         if not hits:
-            raise SharingError(f"params pattern {pat!r} matches no parameter of layer 0" + did_you_mean(pat, names0, "parameter"))
+            raise SharingError(
+                f"params pattern {pat!r} matches no parameter of layer "
+                "0" + did_you_mean(pat, names0, "parameter")
+            )
         matched += [h for h in hits if h not in matched]
     plans: list[tuple[str, list[Use]]] = []
     for rel in matched:
@@ -150,9 +156,15 @@ def template_share(
                 raise SharingError(f"{rel!r} is {fmt_shape(v0.shape)} in layer 0 but {fmt_shape(p.shape)} in layer {i}; "
                                    "template_share needs identical layers")
             if p.dtype != v0.dtype:
-                raise SharingError(f"{rel!r} is {v0.dtype} in layer 0 but {p.dtype} in layer {i}; convert the layers to one dtype first")
+                raise SharingError(
+                    f"{rel!r} is {v0.dtype} in layer 0 but {p.dtype} in layer {i}; "
+                    "convert the layers to one dtype first"
+                )
             if p.device != v0.device:
-                raise SharingError(f"{rel!r} is on {v0.device} in layer 0 but on {p.device} in layer {i}; move the layers to one device first")
+                raise SharingError(
+                    f"{rel!r} is on {v0.device} in layer 0 but on {p.device} in layer {i}; "
+                    "move the layers to one device first"
+                )
         plans.append((rel, uses))
     # Everything is valid: compute the banks, then install them.
     built = []
@@ -224,7 +236,8 @@ def materialize(model: nn.Module, *names: str) -> nn.Module:
         for n in names:
             use = index.use(n)
             if own_parametrization(use, Bank) is None and own_parametrization(use, Delta) is None:
-                what = "a plain parameter" if not use.derived else "computed by " + ", ".join(type(p).__name__ for p in use.plist)
+                kinds = ", ".join(type(p).__name__ for p in use.plist) if use.derived else ""
+                what = "computed by " + kinds if use.derived else "a plain parameter"
                 raise SharingError(
                     f"{n!r} is {what}, not a bank or delta weight; materialize only turns bank/delta weights "
                     "into plain parameters (ps.untie handles aliases and transposes)"
@@ -232,6 +245,9 @@ def materialize(model: nn.Module, *names: str) -> nn.Module:
             if use not in targets:
                 targets.append(use)
     else:
-        targets = [u for u in index.uses.values() if own_parametrization(u, Bank) is not None or own_parametrization(u, Delta) is not None]
+        targets = [
+            u for u in index.uses.values()
+            if own_parametrization(u, Bank) is not None or own_parametrization(u, Delta) is not None
+        ]
     materialize_uses(targets)
     return model

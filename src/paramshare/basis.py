@@ -23,7 +23,7 @@ from .bank import _check_int
 from .errors import SharingError, did_you_mean
 from .kinds._common import fmt_shape
 from .kinds._derived import dense, requires_grad_of
-from .kinds.bank import Bank, basis_spectrum, fit_basis
+from .kinds.bank import Bank, BasisFactors, fit_basis
 
 __all__ = ["basis_share"]
 
@@ -43,7 +43,10 @@ def _family_uses(index: ModelIndex, pattern) -> list[tuple[str, list[Use]]]:
     for pat in pats:
         hits = [u for n, u in index.uses.items() if fnmatchcase(n, pat)]
         if not hits:
-            raise SharingError(f"pattern {pat!r} matches no parameter of the model" + did_you_mean(pat, index.uses, "parameter"))
+            raise SharingError(
+                f"pattern {pat!r} matches no parameter of the "
+                "model" + did_you_mean(pat, index.uses, "parameter")
+            )
         for u in hits:
             if u.name in owner:
                 raise SharingError(
@@ -66,12 +69,21 @@ def _family_uses(index: ModelIndex, pattern) -> list[tuple[str, list[Use]]]:
             )
         w = hits[0].param
         if w.dim() < 2:
-            raise SharingError(f"pattern {pat!r} matches {hits[0].name!r} of shape {fmt_shape(w.shape)}; a basis needs weights of 2 or more dimensions")
+            raise SharingError(
+                f"pattern {pat!r} matches {hits[0].name!r} of shape {fmt_shape(w.shape)}; "
+                "a basis needs weights of 2 or more dimensions"
+            )
         for u in hits[1:]:
             if u.param.dtype != w.dtype:
-                raise SharingError(f"{u.name!r} is {u.param.dtype} but {hits[0].name!r} is {w.dtype}; convert the model to one dtype first")
+                raise SharingError(
+                    f"{u.name!r} is {u.param.dtype} but {hits[0].name!r} is {w.dtype}; "
+                    "convert the model to one dtype first"
+                )
             if u.param.device != w.device:
-                raise SharingError(f"{u.name!r} is on {u.param.device} but {hits[0].name!r} is on {w.device}; move the model to one device first")
+                raise SharingError(
+                    f"{u.name!r} is on {u.param.device} but {hits[0].name!r} is on {w.device}; "
+                    "move the model to one device first"
+                )
         families.append((pat, hits))
     seen: dict[int, str] = {}
     for _, hits in families:
@@ -200,8 +212,14 @@ def basis_share(
         rows = None if stats is None else [stats[u.name].row_weights() for u in members]
         return grams, (None if rows is None or any(r is None for r in rows) else rows)
 
-    if stats is not None and ratio is not None and not _is_meta(families):
-        ranks = [_allocate(gl, ratio, weights_of) for gl in fam_groups]
+    factors: dict[int, BasisFactors] = {}
+    if stats is not None and not _is_meta(families):
+        with torch.no_grad():
+            for gl in fam_groups:
+                for members in gl:
+                    factors[id(members[0])] = BasisFactors([u.param.detach() for u in members], *weights_of(members))
+        if ratio is not None:
+            ranks = [_allocate(gl, ratio, [factors[id(m[0])] for m in gl]) for gl in fam_groups]
     # Everything is valid: factorise each group, then install.
     built = []
     for gl, ks in zip(fam_groups, ranks):
@@ -211,9 +229,10 @@ def basis_share(
                 if values[0].device.type == "meta":
                     t = torch.empty((k,) + tuple(values[0].shape[1:]), dtype=values[0].dtype, device="meta")
                     coeffs = [torch.empty(v.shape[0], k, dtype=v.dtype, device="meta") for v in values]
+                elif id(members[0]) in factors:
+                    t, coeffs = factors[id(members[0])].fit(k)
                 else:
-                    grams, rows = weights_of(members)
-                    t, coeffs = fit_basis(values, k, FORM, grams, rows)
+                    t, coeffs = fit_basis(values, k, FORM)
             built.append((members, nn.Parameter(dense(t), requires_grad=requires_grad_of(members[0])), coeffs))
     for members, tmpl, coeffs in built:
         for u, c in zip(members, coeffs):
@@ -225,13 +244,13 @@ def _is_meta(families) -> bool:
     return any(u.param.device.type == "meta" for _, uses in families for u in uses)
 
 
-def _allocate(groups: list[list[Use]], ratio: float, weights_of) -> list[int]:
+def _allocate(groups: list[list[Use]], ratio: float, factors: list[BasisFactors]) -> list[int]:
     """Ranks for a family's groups that keep at most (1 - ratio) of its parameters.
 
     Every group gets rank 1; the rest of the budget goes, one rank at a time, where it removes
     the most calibrated output error per stored number: the next singular value squared of the
-    group's weighted, whitened stacked weights (see ``basis_spectrum``) over the numbers that
-    rank costs. With equal costs this keeps the largest components across the whole family.
+    group's weighted, whitened stacked weights over the numbers that rank costs. With equal
+    costs this keeps the largest components across the whole family.
     """
     shape = tuple(groups[0][0].param.shape)
     out, inn = int(shape[0]), int(math.prod(shape[1:]))
@@ -241,12 +260,9 @@ def _allocate(groups: list[list[Use]], ratio: float, weights_of) -> list[int]:
     ks = [1] * len(groups)
     used = sum(costs)
     candidates = []
-    with torch.no_grad():
-        for gi, members in enumerate(groups):
-            grams, rows = weights_of(members)
-            sv = basis_spectrum([u.param.detach() for u in members], grams, rows)
-            full = min(len(members) * out, inn)
-            candidates += [(float(v) ** 2 / costs[gi], gi) for v in sv[1:full].tolist()]
+    for gi, (members, f) in enumerate(zip(groups, factors)):
+        full = min(len(members) * out, inn)
+        candidates += [(v * v / costs[gi], gi) for v in f.s[1:full].tolist()]
     candidates.sort(key=lambda c: -c[0])
     for _, gi in candidates:
         if used + costs[gi] <= budget:

@@ -110,7 +110,8 @@ def relax(model: nn.Module, rank: int, names: str | Sequence[str] | None = None,
                     )
                 if u.param.dim() < 2:
                     raise SharingError(
-                        f"cannot relax {u.name!r}: it has shape {fmt_shape(u.param.shape)}; a low-rank delta needs 2 or more dimensions"
+                        f"cannot relax {u.name!r}: it has shape {fmt_shape(u.param.shape)}; "
+                        "a low-rank delta needs 2 or more dimensions"
                     )
                 if u not in targets:
                     targets.append(u)

@@ -56,7 +56,8 @@ def options_problems(group: TieGroup, kind: str, extra: Sequence[str]) -> list[s
     o = group.options
     problems = []
     ws = o.get("weight_shape")
-    if not isinstance(ws, (list, tuple)) or not ws or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in ws):
+    sizes_ok = isinstance(ws, (list, tuple)) and ws and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in ws)
+    if not sizes_ok:
         problems.append(f"{kind} group of {group.source!r} needs options.weight_shape, a list of positive sizes, got {ws!r}")
     for key in extra:
         if key not in o:

@@ -23,14 +23,23 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .._index import ModelIndex, Use
+from .._index import ModelIndex
 from .._parametrize import set_derived
 from ..errors import did_you_mean
 from ..plans import GroupStats, Kind, TieGroup, register_kind
 from ._common import fmt_shape
-from ._derived import dense, foreign_problem, members_of, host_path, materialize_uses, options_problems, own_parametrization, requires_grad_of
+from ._derived import (
+    dense,
+    foreign_problem,
+    host_path,
+    materialize_uses,
+    members_of,
+    options_problems,
+    own_parametrization,
+    requires_grad_of,
+)
 
-__all__ = ["Bank", "FORMS", "templates_shape", "coeff_shape", "fit_mix", "fit_basis", "project"]
+__all__ = ["Bank", "FORMS", "templates_shape", "coeff_shape", "fit_mix", "fit_basis", "basis_spectrum", "BasisFactors", "project"]
 
 FORMS = ("mix", "basis_in", "basis_out")
 
@@ -119,6 +128,71 @@ def fit_mix(weights: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tenso
 def _svd(a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin SVD with at least ``rank`` components (zero-padded beyond the matrix's own rank)."""
     u, s, vh = torch.linalg.svd(a, full_matrices=False)
+    return _pad(u, s, vh, rank)
+
+
+def _whitener(gram: torch.Tensor, damp: float = 1e-6) -> torch.Tensor:
+    """Lower-triangular ``L`` with ``L @ L.T == gram + eps * I`` (Cholesky; ``eps`` grows until it works).
+
+    Any ``S`` with ``S S^T = gram`` gives the same whitened truncation, so the Cholesky factor
+    (as SVD-LLM uses) serves; the small ``eps`` keeps rank-deficient statistics invertible.
+    """
+    g = _f64(gram)
+    eye = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+    eps = damp * float(g.diagonal().mean().clamp(min=1e-30))
+    for _ in range(12):
+        chol, info = torch.linalg.cholesky_ex(g + eps * eye)
+        if int(info) == 0:
+            return chol
+        eps *= 10
+    raise ValueError("the calibration inputs' second-moment matrix is not positive semi-definite (NaN or inf inputs?)")
+
+
+def _times_inv(x: torch.Tensor, chol: torch.Tensor | None) -> torch.Tensor:
+    """``x @ inverse(chol)`` by a triangular solve (``x`` itself when ``chol`` is None)."""
+    return x if chol is None else torch.linalg.solve_triangular(chol, x, upper=False, left=False)
+
+
+class BasisFactors:
+    """The SVD that a shared ``basis_in`` basis truncates, computed once for any rank.
+
+    ``u, s, vh`` decompose ``[D_1 W_1; ...; D_n W_n] L`` (``L``: Cholesky factor of the summed
+    input Grams, identity without calibration; ``D_i``: output-channel weights, identity when
+    None). ``sum(s[k:] ** 2)`` is the weighted output error a rank-k basis leaves before the
+    per-layer refit, so ``s`` says where extra rank pays most.
+    """
+
+    def __init__(self, weights: Sequence[torch.Tensor], grams=None, row_weights=None):
+        self.shape = tuple(weights[0].shape)
+        self.dtype = weights[0].dtype
+        self.mats = [_f64(w).reshape(self.shape[0], -1) for w in weights]
+        self.grams = None if grams is None else [_f64(g) for g in grams]
+        self.chol = None if grams is None else _whitener(sum(self.grams))
+        rows = self.mats if row_weights is None else [_f64(d)[:, None] * m for d, m in zip(row_weights, self.mats)]
+        stacked = torch.cat(rows, dim=0)
+        self.plain = grams is None and row_weights is None
+        self.u, self.s, self.vh = torch.linalg.svd(stacked if self.chol is None else stacked @ self.chol, full_matrices=False)
+
+    def fit(self, rank: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(basis ``(rank, *in)``, [coefficients ``(out, rank)`` per weight])."""
+        u, s, vh = _pad(self.u, self.s, self.vh, rank)
+        basis = _times_inv(vh[:rank], self.chol)  # (k, in)
+        out = self.shape[0]
+        coeffs = []
+        for i, m in enumerate(self.mats):
+            if self.plain:
+                c = u[i * out : (i + 1) * out, :rank] * s[:rank]
+            else:  # least squares on this layer's own inputs: min ||(W - C B) S_i||, row by row
+                g = self.grams[i] if self.grams is not None else None
+                bg = basis if g is None else basis @ g
+                lhs = bg @ basis.T
+                lhs = lhs + 1e-10 * lhs.diagonal().mean().clamp(min=1e-30) * torch.eye(rank, dtype=lhs.dtype, device=lhs.device)
+                c = torch.linalg.solve(lhs, (m @ bg.T).T).T
+            coeffs.append(c.to(self.dtype).contiguous())
+        return basis.reshape((rank,) + self.shape[1:]).to(self.dtype).contiguous(), coeffs
+
+
+def _pad(u, s, vh, rank):
     missing = rank - s.shape[0]
     if missing > 0:
         u = torch.cat([u, u.new_zeros(u.shape[0], missing)], dim=1)
@@ -127,38 +201,12 @@ def _svd(a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.
     return u, s, vh
 
 
-def _whitener(gram: torch.Tensor, damp: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
-    """(S, S^-1) with ``S @ S.T == gram`` (symmetric square root, small eigenvalues damped)."""
-    evals, evecs = torch.linalg.eigh(_f64(gram))
-    floor = damp * float(evals.max().clamp(min=1e-30))
-    root = evals.clamp(min=floor).sqrt()
-    return evecs * root, evecs.T / root[:, None]
-
-
-def _stacked_basis_in(mats, grams, row_weights):
-    """(matrix whose row space gives the basis, S^-1 or None) for the ``basis_in`` form."""
-    if grams is None:
-        s_mat = s_inv = None
-    else:
-        s_mat, s_inv = _whitener(sum(_f64(g) for g in grams))
-    rows = mats if row_weights is None else [_f64(d)[:, None] * m for d, m in zip(row_weights, mats)]
-    stacked = torch.cat(rows, dim=0)
-    return (stacked if s_mat is None else stacked @ s_mat), s_inv
-
-
 def basis_spectrum(
     weights: Sequence[torch.Tensor], grams: Sequence[torch.Tensor] | None = None,
     row_weights: Sequence[torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Singular values of the (weighted, whitened) stacked weights that :func:`fit_basis` truncates.
-
-    ``sum(s[k:] ** 2)`` is the error a rank-k shared ``basis_in`` basis leaves (before the
-    per-layer refit), so these values tell where extra rank pays most.
-    """
-    ws = tuple(weights[0].shape)
-    mats = [_f64(w).reshape(ws[0], -1) for w in weights]
-    m, _ = _stacked_basis_in(mats, grams, row_weights)
-    return torch.linalg.svdvals(m)
+    """Singular values of the (weighted, whitened) stacked weights that :func:`fit_basis` truncates."""
+    return BasisFactors(weights, grams, row_weights).s
 
 
 def fit_basis(
@@ -176,38 +224,18 @@ def fit_basis(
     each layer's coefficients to its own Gram matrix (exact least squares per output row, so
     ``D_i`` does not enter the refit).
     """
+    if form == "basis_in":
+        return BasisFactors(weights, grams, row_weights).fit(rank)
     ws = tuple(weights[0].shape)
     dtype = weights[0].dtype
     mats = [_f64(w).reshape(ws[0], -1) for w in weights]
-    if form == "basis_out":
-        if grams is None:
-            whiten = [(None, None)] * len(mats)
-        else:
-            whiten = [_whitener(g) for g in grams]
-        cat = torch.cat([m if s is None else m @ s for m, (s, _) in zip(mats, whiten)], dim=1)
-        u, s, vh = _svd(cat, rank)
-        templates = u[:, :rank] * s[:rank]
-        coeffs = []
-        for i, (_, s_inv) in enumerate(whiten):
-            block = vh[:rank, i * mats[0].shape[1] : (i + 1) * mats[0].shape[1]]
-            coeffs.append((block if s_inv is None else block @ s_inv).to(dtype).contiguous())
-        return templates.to(dtype).contiguous(), coeffs
-    # basis_in
-    stacked, s_inv = _stacked_basis_in(mats, grams, row_weights)
-    u, s, vh = _svd(stacked, rank)
-    basis = vh[:rank] if s_inv is None else vh[:rank] @ s_inv  # (k, in)
-    coeffs = []
-    for i, m in enumerate(mats):
-        if grams is None and row_weights is None:
-            c = u[i * ws[0] : (i + 1) * ws[0], :rank] * s[:rank]
-        else:  # least squares on this layer's own inputs: min ||(W - C B) S_i||
-            g = _f64(grams[i]) if grams is not None else torch.eye(basis.shape[1], dtype=basis.dtype, device=basis.device)
-            bg = basis @ g
-            lhs = bg @ basis.T
-            lhs = lhs + 1e-10 * lhs.diagonal().mean().clamp(min=1e-30) * torch.eye(rank, dtype=lhs.dtype, device=lhs.device)
-            c = torch.linalg.solve(lhs, (m @ bg.T).T).T
-        coeffs.append(c.to(dtype).contiguous())
-    return basis.reshape((rank,) + ws[1:]).to(dtype).contiguous(), coeffs
+    chols = [None] * len(mats) if grams is None else [_whitener(g) for g in grams]
+    cat = torch.cat([m if c is None else m @ c for m, c in zip(mats, chols)], dim=1)
+    u, s, vh = _svd(cat, rank)
+    templates = u[:, :rank] * s[:rank]
+    width = mats[0].shape[1]
+    coeffs = [_times_inv(vh[:rank, i * width : (i + 1) * width], c).to(dtype).contiguous() for i, c in enumerate(chols)]
+    return templates.to(dtype).contiguous(), coeffs
 
 
 def project(form: str, weight: torch.Tensor, templates: torch.Tensor) -> torch.Tensor:
@@ -293,9 +321,15 @@ class BankKind(Kind):
             if ref is None:
                 ref = v
             elif v.dtype != ref.dtype:
-                problems.append(f"{m!r} is {v.dtype} but the bank of {group.source!r} is {ref.dtype}; convert the model to one dtype first")
+                problems.append(
+                    f"{m!r} is {v.dtype} but the bank of {group.source!r} is {ref.dtype}; "
+                    "convert the model to one dtype first"
+                )
             elif v.device != ref.device:
-                problems.append(f"{m!r} is on {v.device} but the bank of {group.source!r} is on {ref.device}; move the model to one device first")
+                problems.append(
+                    f"{m!r} is on {v.device} but the bank of {group.source!r} is on {ref.device}; "
+                    "move the model to one device first"
+                )
         return problems
 
     def install(self, index: ModelIndex, group: TieGroup) -> None:
@@ -344,7 +378,10 @@ class BankKind(Kind):
                 continue
             bank = own_parametrization(use, Bank)
             if bank is None:
-                problems.append(f"{m!r} is no longer computed from the bank {group.source!r}; re-tie with ps.apply_plan(model, plan)")
+                problems.append(
+                    f"{m!r} is no longer computed from the bank {group.source!r}; "
+                    "re-tie with ps.apply_plan(model, plan)"
+                )
             elif use.plist.original is not src:
                 problems.append(
                     f"{m!r} reads bank templates that are not {group.source!r} "

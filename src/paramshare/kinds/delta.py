@@ -95,7 +95,8 @@ class DeltaKind(Kind):
             buckets.setdefault(id(base), []).append(name)
             first.setdefault(id(base), (d, base))
         return [
-            TieGroup(self.name, index.canonical(first[k][1]), tuple(names), tuple(first[k][1].shape), {"rank": first[k][0].rank})
+            TieGroup(self.name, index.canonical(first[k][1]), tuple(names), tuple(first[k][1].shape),
+                     {"rank": first[k][0].rank})
             for k, names in buckets.items()
         ]
 
@@ -130,13 +131,22 @@ class DeltaKind(Kind):
             with torch.no_grad():
                 v = use.value()
             if tuple(v.shape) != tuple(shape):
-                problems.append(f"{m!r} has shape {fmt_shape(v.shape)} but its delta base {group.source!r} has {fmt_shape(shape)}")
+                problems.append(
+                    f"{m!r} has shape {fmt_shape(v.shape)} but its delta base {group.source!r} has "
+                    f"{fmt_shape(shape)}"
+                )
             if ref is None:
                 ref = v
             elif v.dtype != ref.dtype:
-                problems.append(f"{m!r} is {v.dtype} but the delta base of {group.source!r} is {ref.dtype}; convert the model to one dtype first")
+                problems.append(
+                    f"{m!r} is {v.dtype} but the delta base of {group.source!r} is {ref.dtype}; "
+                    "convert the model to one dtype first"
+                )
             elif v.device != ref.device:
-                problems.append(f"{m!r} is on {v.device} but the delta base of {group.source!r} is on {ref.device}; move the model to one device first")
+                problems.append(
+                    f"{m!r} is on {v.device} but the delta base of {group.source!r} is on {ref.device}; "
+                    "move the model to one device first"
+                )
         return problems
 
     def install(self, index: ModelIndex, group: TieGroup) -> None:
@@ -148,7 +158,8 @@ class DeltaKind(Kind):
                 base = nn.Parameter(dense(uses[0].value().detach().clone()), requires_grad=requires_grad_of(uses[0]))
             for use in uses:
                 d = own_parametrization(use, Delta)
-                if d is not None and d.rank == rank and d.B.shape[0] == base.shape[0] and d.A.shape[1] == math.prod(base.shape[1:]):
+                fits = d is not None and d.rank == rank and d.B.shape[0] == base.shape[0]
+                if fits and d.A.shape[1] == math.prod(base.shape[1:]):
                     if use.plist.original is not base:
                         use.plist._buffers.pop("original", None)
                         use.plist._parameters["original"] = base
