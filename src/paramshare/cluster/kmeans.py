@@ -510,9 +510,9 @@ def kmeans1d(x, k: int, weights=None, method: str = "optimal"):
 
     Example:
         >>> import torch, paramshare as ps
-        >>> c, labels = ps.kmeans1d(torch.tensor([0.0, 0.1, 0.2, 5.0, 5.2]), 2)
+        >>> c, labels = ps.kmeans1d(torch.tensor([0.0, 0.5, 1.0, 8.0, 9.0]), 2)
         >>> c.tolist(), labels.tolist()
-        ([0.10000000149011612, 5.099999904632812], [0, 0, 0, 1, 1])
+        ([0.5, 8.5], [0, 0, 0, 1, 1])
     """
     return _kmeans1d(x, k, weights, method, EXACT_POINTS)
 
