@@ -141,7 +141,7 @@ def main(argv=None) -> int:
     print(f"MNIST: {len(data[0][0])} training images (all usable without labels), {len(data[1][0])} test; "
           f"{steps} Adam steps, {seeds} seed(s)", flush=True)
     configs = [("classifier alone", "alone", 0.0), ("hard-shared encoder (MultiTask)", "hard", 0.0)]
-    configs += [(f"soft-tied to autoencoder, s={s:g}", "soft", s) for s in (1e-3, 1e-2, 1e-1)]
+    configs += [(f"soft-tied to autoencoder, s={s:g}", "soft", s) for s in (1e-2, 1e-1, 1.0, 10.0)]
     if args.quick:
         configs = configs[:1] + configs[2:3]
     jobs = {(label, n, seed): (method, s, n, seed, steps) for label, method, s in configs for n in sizes for seed in range(seeds)}

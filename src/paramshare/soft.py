@@ -194,7 +194,10 @@ class SoftTie(nn.Module):
     registered as submodules: ``soft.parameters()`` is empty, so an optimizer over the models'
     parameters is all that is needed, and ``soft.to(...)`` moves only its own buffers (the
     references of an anchor). Parameters are looked up on their modules at every call, so the
-    penalty follows ``load_state_dict(assign=True)`` and re-ties.
+    penalty follows ``load_state_dict(assign=True)`` and re-ties. The penalty is computed by
+    one autograd function with fused multi-tensor ops; it can be backpropagated more than
+    once (``retain_graph=True``) and compiled with ``torch.compile``, but not differentiated
+    twice (``create_graph=True``).
 
     Attributes:
         kind: ``"pair"`` (soft_tie), ``"anchor"`` or ``"group"``.
