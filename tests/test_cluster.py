@@ -167,6 +167,12 @@ def test_activation_aware_clustering_lowers_output_error():
     # negative: on the weights alone the activation-aware codebook is worse
     wd = lin.weight.detach()
     assert (aware[0].weight - wd).square().sum() > (plain[0].weight - wd).square().sum()
+    # the same with a codebook per group of 8 output channels
+    plain_g, aware_g = copy_of_lin(), copy_of_lin()
+    ps.cluster(plain_g, bits=2, min_numel=0, granularity=8)
+    ps.cluster(aware_g, bits=2, min_numel=0, granularity=8, data=x)
+    assert aware_g[0].parametrizations.weight.original.shape == (4, 4)
+    assert (aware_g(x) - ref).square().mean() < 0.5 * (plain_g(x) - ref).square().mean()
 
 
 def test_tied_weights_are_clustered_once_and_uncluster_restores_the_tie():

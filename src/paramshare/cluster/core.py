@@ -375,7 +375,8 @@ def _compensate(targets: list[_Target], results: list, block: int = 32, damp: fl
             U = torch.linalg.solve_triangular(m_low, eye, upper=False).flip(-1, -2)
         except RuntimeError:  # not positive definite even with damping: keep the nearest-centroid labels
             continue
-        Cf = C.float()
+        per_tensor = all(targets[i].rows is None for i in idx)
+        Cf = C[:, 0].float() if per_tensor else C.float()  # (layers, k) or (layers, out, k)
         mids = ((Cf[..., 1:] + Cf[..., :-1]) / 2).contiguous()
         Q = torch.empty(nl, n, omax, dtype=torch.long)
         for i1 in range(0, n, block):
@@ -384,10 +385,15 @@ def _compensate(targets: list[_Target], results: list, block: int = 32, damp: fl
             Err = torch.empty_like(W1)
             U1 = U[:, i1:i2, i1:i2]
             for i in range(i2 - i1):
-                w = W1[:, i]  # (layers, out)
-                q = torch.searchsorted(mids, w.unsqueeze(-1).contiguous()).squeeze(-1)
+                w = W1[:, i].contiguous()  # (layers, out)
+                if per_tensor:
+                    q = torch.searchsorted(mids, w)
+                    near = Cf.gather(1, q)
+                else:
+                    q = torch.searchsorted(mids, w.unsqueeze(-1)).squeeze(-1)
+                    near = Cf.gather(2, q.unsqueeze(-1)).squeeze(-1)
                 Q[:, i1 + i] = q
-                err = (w - Cf.gather(2, q.unsqueeze(-1)).squeeze(-1)) / U1[:, i, i, None]
+                err = (w - near) / U1[:, i, i, None]
                 if i + 1 < i2 - i1:
                     W1[:, i + 1:] -= U1[:, i, i + 1:, None] * err[:, None, :]
                 Err[:, i] = err
