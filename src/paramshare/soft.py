@@ -72,10 +72,12 @@ def _values(norm: str, delta: float, left, right):
         return _norms(d).square(), d
     if norm == "l1":
         return _norms(d, 1.0), d
-    # huber: with c = clamp(d, -delta, delta), huber(d) = c * d - c**2 / 2 (and c * d >= 0)
-    c = torch._foreach_clamp_max(torch._foreach_clamp_min(d, -delta), delta)
-    v = _norms(torch._foreach_mul(c, d), 1.0) - 0.5 * _norms(c).square()
-    return v, c
+    # huber: with c = clamp(d, -delta, delta), huber(d) = c**2 / 2 + delta * |d - c|
+    c = torch._foreach_clamp_min(d, -delta)
+    torch._foreach_clamp_max_(c, delta)
+    quad = _norms(c).square()
+    torch._foreach_sub_(d, c)  # d is now the part beyond +-delta
+    return 0.5 * quad + delta * _norms(d, 1.0), c
 
 
 def _accumulate(contribs: list[list[torch.Tensor]]) -> list[torch.Tensor | None]:
