@@ -317,7 +317,21 @@ _LOADED = False
 
 
 def register_kind(cls: type[Kind]) -> type[Kind]:
-    """Class decorator: register a sharing kind under ``cls.name``."""
+    """Class decorator: register a sharing kind under ``cls.name``.
+
+    A new kind is one module in ``paramshare/kinds/`` holding a :class:`Kind` subclass with
+    this decorator (those modules are imported on first use); a kind defined elsewhere is
+    registered when its module is imported.
+
+    Example:
+        >>> import paramshare as ps
+        >>> @ps.register_kind
+        ... class Mirror(ps.Kind):
+        ...     name = "mirror"          # what plans and checkpoints call it
+        >>> "mirror" in ps.kind_names()
+        True
+        >>> from paramshare.plans import _REGISTRY; del _REGISTRY["mirror"]   # undo the example
+    """
     if not cls.name or not isinstance(cls.name, str):
         raise TypeError(f"{cls.__name__} needs a 'name'")
     if cls.name in _REGISTRY and type(_REGISTRY[cls.name]) is not cls:
@@ -334,7 +348,17 @@ def _load_builtin_kinds() -> None:
 
 
 def get_kind(name: str) -> Kind:
-    """The registered kind called ``name``; a SharingError when this version has none."""
+    """The registered kind called ``name``; a SharingError when this version has none.
+
+    Example:
+        >>> import paramshare as ps
+        >>> type(ps.get_kind("transpose")).__name__
+        'Transpose'
+        >>> ps.get_kind("mirrored")
+        Traceback (most recent call last):
+        ...
+        paramshare.errors.SharingError: unknown sharing kind 'mirrored'; this version of paramshare knows ...
+    """
     _load_builtin_kinds()
     kind = _REGISTRY.get(name)
     if kind is None:
@@ -346,6 +370,12 @@ def get_kind(name: str) -> Kind:
 
 
 def kind_names() -> list[str]:
-    """Names of the registered kinds, in installation order."""
+    """Names of the registered kinds, in installation order.
+
+    Example:
+        >>> import paramshare as ps
+        >>> ps.kind_names()[:2]
+        ['alias', 'transpose']
+    """
     _load_builtin_kinds()
     return [k.name for k in sorted(_REGISTRY.values(), key=lambda k: (k.priority, k.name))]
