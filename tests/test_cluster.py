@@ -54,6 +54,7 @@ def test_cluster_makes_codebook_weights_and_keeps_forward():
     assert "8 clusters" in r.rows[0].stats.detail and "bits/weight" in r.rows[0].stats.detail
     # 3-bit labels plus 8 float32 centroids
     assert r.rows[0].stats.stored_bytes == 8 * 4 + -(-32 * 64 * 3 // 8)
+    assert r.rows[0].stats.detail.endswith("800 B with the codebook")  # bytes: labels and centroids
 
 
 def test_centroid_gradients_are_summed_member_gradients_and_fine_tuning_works():

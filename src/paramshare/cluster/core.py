@@ -628,7 +628,7 @@ def cluster(
         >>> net[0].weight.unique().numel() <= 16, type(net[0]).__name__
         (True, 'ParametrizedLinear')
         >>> print(ps.report(net).rows[0].stats.detail)  # 4-bit labels + 16 float32 centroids
-        16 clusters, 4.12 bits/weight
+        16 clusters, 4.12 bits/weight, 2.1 KiB with the codebook
     """
     k = _clusters(bits, clusters, prune)
     if not isinstance(prune, (int, float)) or isinstance(prune, bool) or not 0 <= prune < 1 or math.isnan(prune):

@@ -27,6 +27,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from .._format import human_bytes
 from .._index import ModelIndex, Use
 from .._parametrize import remove_derived, set_derived, set_plain
 from ..cluster.bits import bits_for, pack_bits, packed_size, unpack_bits
@@ -407,7 +408,7 @@ class CodebookKind(Kind):
             stored_numel=src.numel(),
             stored_bytes=stored,
             saved_bytes=n * es * uses - stored,
-            detail=f"{k} clusters, {8 * stored / n:.2f} bits/weight",
+            detail=f"{k} clusters, {8 * stored / n:.2f} bits/weight, {human_bytes(stored)} with the codebook",
         )
 
     def extra_bytes(self, index: ModelIndex, group: TieGroup) -> int:
