@@ -17,7 +17,7 @@ Calibration and evaluation sentences are disjoint. Metrics: mean cosine of each 
 embedding to the original's, and top-1 neighbour agreement (the fraction of sentences whose
 nearest other sentence is the same as with the original model).
 
-Usage: .venv/bin/python benchmarks/basis_minilm.py [--quick] [--eval N] [--calibration N]
+Usage: .venv/bin/python benchmarks/basis_minilm.py [--quick] [--eval N] [--calibration N] [--ratios 20,30,40,50]
 """
 
 from __future__ import annotations
@@ -149,6 +149,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="few sentences, two ratios (a smoke run)")
     ap.add_argument("--eval", type=int, default=None, help="evaluation sentences (default 512)")
     ap.add_argument("--calibration", type=int, default=None, help="calibration sentences (default 512)")
+    ap.add_argument("--ratios", type=str, default=None,
+                    help="comma-separated percentages removed (default 20,30,40,50; quick 20,50)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2; 1 is faster on a busy machine)")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, min(args.threads, os.cpu_count() or 1)))
@@ -156,6 +158,8 @@ def main(argv=None) -> int:
     n_eval = args.eval or (48 if args.quick else 512)
     n_cal = args.calibration or (64 if args.quick else 512)
     ratios = (0.2, 0.5) if args.quick else (0.2, 0.3, 0.4, 0.5)
+    if args.ratios:
+        ratios = tuple(int(r) / 100 for r in args.ratios.split(","))
     t0 = time.perf_counter()
     model, tok = load_minilm()
     # one pool, split: calling stdlib_sentences twice can see a different pool (the first call's
