@@ -85,3 +85,20 @@ def test_digits_dataset_shape():
     d = load_dataset("digits")
     assert d.x.shape[1:] == (8, 8) and len(d.y) + len(d.y_test) == 1797 and d.published == {}
     assert abs(float(d.x.mean())) < 1e-3
+
+
+@pytest.mark.slow
+def test_growl_run_prunes_then_ties_and_no_penalty_prunes_nothing(mnist1d):
+    from paramshare.study.experiments.growl import growl_mlp
+
+    dense = 40 * 100 + 100 + 100 * 100 + 100 + 100 * 10 + 10
+    r = growl_mlp(mnist1d, steps=150, seed=0, lambda1=0.5, lambda2=0.25, thresholds=[1.0, 0.7], finetune=5)
+    prune, tied = r["levels"]
+    assert sum(r["zero_slices"]) > 0  # the penalty zeroes whole input slices ...
+    assert prune["stored_params"] < dense  # ... which growl_tie stores as nothing
+    assert tied["stored_params"] < prune["stored_params"]  # tying similar slices saves more
+    assert tied["layers"][1][2] < tied["layers"][1][1] <= 100  # fewer shared vectors than kept inputs
+    assert 0.1 < prune["test_acc"] <= 1.0
+    r0 = growl_mlp(mnist1d, steps=150, seed=0, lambda1=0.0, lambda2=0.0, thresholds=[1.0], finetune=0)
+    assert r0["zero_slices"] == [0, 0, 0] and r0["levels"][0]["stored_params"] == dense
+    assert r0["levels"][0]["layers"] == [[40, 40, 40], [100, 100, 100], [100, 100, 100]]

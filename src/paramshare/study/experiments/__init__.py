@@ -22,4 +22,5 @@ EXPERIMENTS: dict[str, str] = {
     "siamese_autoencoder": "paramshare.study.experiments.siamese_autoencoder",
     "compression": "paramshare.study.experiments.compression",
     "soft_tying": "paramshare.study.experiments.soft_tying",
+    "growl": "paramshare.study.experiments.growl",
 }
