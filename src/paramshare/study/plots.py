@@ -40,10 +40,14 @@ def draw(fig_spec: Figure, folder: Path) -> Path:
     if fig_spec.logx:
         ax.set_xscale("log")
         _log_ticks(ax)
+    if fig_spec.xticks:
+        ax.set_xticks(fig_spec.xticks)
     if fig_spec.ylim is not None:
         ax.set_ylim(*fig_spec.ylim)
     if fig_spec.yfmt == "pct":
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{100 * v:.0f}%"))
+        lo, hi = ax.get_ylim()
+        digits = 1 if hi - lo < 0.06 else 0  # a narrow range needs decimals to tell its ticks apart
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{100 * v:.{digits}f}%"))
     ax.grid(True, which="major", alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
     if handles:

@@ -74,6 +74,7 @@ class Figure:
     series: list[Series]
     kind: str = "lines"
     logx: bool = False
+    xticks: list | None = None  # x positions to label (e.g. the measured sizes on a log axis); None: automatic
     categories: list[str] | None = None  # bar groups (kind="bars")
     ylim: tuple | None = None
     yfmt: str = "pct"  # "pct": y in [0, 1] shown as percent; "plain"
