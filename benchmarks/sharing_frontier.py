@@ -171,24 +171,38 @@ def plot(rows: list[dict], out: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     styles = {
-        "unshared": ("black", "o", "unshared, 1-6 blocks"),
+        "unshared": ("black", "o", "unshared, 1-6 blocks (the peers at equal size)"),
         "share_layers": ("tab:blue", "s", "share_layers (6 blocks, M unique)"),
         "template_share": ("tab:green", "^", "template_share (6 blocks, T templates)"),
         "convert+relax": ("tab:red", "D", "convert_to_shared M=2 + relax rank r (from trained)"),
     }
     fig, ax = plt.subplots(figsize=(9.5, 6.2), dpi=120)
+    # labels of points at (nearly) the same size, whatever their family, are spread out vertically
+    vals = [r["val"] for r in rows]
+    gap = 0.035 * (max(vals) - min(vals) or 1.0)
+    label_y: dict[int, float] = {}
+    by_x = sorted(rows, key=lambda r: r["stored"])
+    clusters: list[list[dict]] = []
+    for r in by_x:
+        if clusters and math.log(r["stored"]) - math.log(clusters[-1][0]["stored"]) < 0.06:
+            clusters[-1].append(r)
+        else:
+            clusters.append([r])
+    for cl in clusters:
+        prev = None
+        for r in sorted(cl, key=lambda r: -r["val"]):
+            y = r["val"] + 0.3 * gap if prev is None else min(r["val"] + 0.3 * gap, prev - gap)
+            label_y[id(r)] = prev = y
     for family, (color, marker, label) in styles.items():
-        pts = sorted((r["stored"], r["val"], r["label"]) for r in rows if r["family"] == family)
-        if not pts:
+        mine = sorted((r for r in rows if r["family"] == family), key=lambda r: r["stored"])
+        if not mine:
             continue
-        xs, ys, labels = zip(*pts)
-        ax.plot(xs, ys, color=color, marker=marker, lw=1.8 if family == "unshared" else 0,
-                ms=8, label=label, zorder=3 if family == "unshared" else 4)
-        stacked: dict[int, int] = {}  # points at the same size: labels one under another
-        for x, y, lab in sorted(pts, key=lambda p: (p[0], -p[1])):
-            k = stacked.get(x, 0)
-            stacked[x] = k + 1
-            ax.annotate(lab, (x, y), textcoords="offset points", xytext=(7, 4 - 10 * k), fontsize=8, color=color)
+        ax.plot([r["stored"] for r in mine], [r["val"] for r in mine], color=color, marker=marker,
+                lw=1.8 if family == "unshared" else 0, ms=8, label=label, zorder=3 if family == "unshared" else 4)
+        for r in mine:
+            lab = r["label"].replace("1 blocks", "1 block")
+            ax.annotate(lab, (r["stored"], r["val"]), xytext=(r["stored"] * 1.03, label_y[id(r)]),
+                        textcoords="data", fontsize=8, color=color, va="center")
     worse = [r for r in rows if r.get("gap") is not None and r["gap"] > 0 and r["family"] != "unshared"]
     if worse:
         ax.scatter([r["stored"] for r in worse], [r["val"] for r in worse], s=260, facecolors="none",
@@ -282,8 +296,8 @@ def main(argv=None) -> int:
         gap = "-" if r["gap"] is None else f"{r['gap']:+.4f}"
         print(f"{r['family']:15s} {r['label']:14s} {r['stored']:>9,} {r['stored'] / full['stored']:>10.2f}x "
               f"{r['val']:>9.4f} {peer:>7s} {gap:>8s}")
-    title = (f"Char-level LM on stdlib docstrings: d={d}, {steps} steps per model\n"
-             "circled: shared models worse than an unshared model of the same size")
+    title = (f"Where cross-layer sharing stops paying: char-level LM on stdlib docstrings (d={d}, {steps} steps, one seed)\n"
+             "below the black line: sharing beats an unshared model of the same size; circled: it does not")
     data_path = args.out.with_suffix(".json")
     tmp = data_path.with_suffix(".json.tmp")
     with open(tmp, "w") as f:
