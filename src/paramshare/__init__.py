@@ -15,24 +15,36 @@ Example:
 
 __version__ = "0.1.0"
 
-from .errors import SharingError
-from .gmm import GMMPrior
-from .hashing import hash  # noqa: A004 - ps.hash, HashedNets
-from .layers import layer_assignment, share_layers
+from .errors import CheckpointError, SharingError
 from .plans import GroupStats, Kind, SharingPlan, TieGroup, get_kind, kind_names, register_kind
-from .report import SharingReport, report
-from .tying import apply_plan, check, find_ties, plan, tie, tie_modules, untie
-from .checkpoint import Checkpoint, LoadResult, load, read, save  # noqa: E402 - sharing-aware checkpoints
-from .errors import CheckpointError  # noqa: E402
-from .soft import SoftTie, SoftTieWarning, anchor, group_tie, harden, soft_tie  # noqa: E402 - soft tying
-from .growl import GrOWL, growl_tie, owl_norm, owl_regression, owl_weights, prox_owl, tie_rows  # noqa: E402 - GrOWL
 
-from .bank import materialize, template_share  # noqa: E402 - template banks, back to dense
-from .basis import basis_share  # noqa: E402 - basis sharing across layers
-from .relaxed import convert_to_shared, relax  # noqa: E402 - relaxed (low-rank delta) sharing
-from .cluster import cluster, kmeans1d, uncluster  # noqa: E402 - weight clustering (the codebook kind)
-from . import nn  # noqa: E402 - ps.nn: modules with sharing built in (Siamese, TiedAutoencoder, ...)
-from . import distributed  # noqa: E402 - ps.distributed: DDP/FSDP2 with ties (fsdp_groups, shard, check_ties)
+# hard ties, layer sharing, plans and reports
+from .tying import apply_plan, check, find_ties, plan, tie, tie_modules, untie
+from .layers import layer_assignment, share_layers
+from .report import SharingReport, report
+
+# sharing-aware checkpoints
+from .checkpoint import Checkpoint, LoadResult, load, read, save
+
+# learned hard sharing: weight clustering (the codebook kind), HashedNets, soft weight-sharing
+from .cluster import cluster, kmeans1d, uncluster
+from .hashing import hash  # noqa: A004 - ps.hash, HashedNets
+from .gmm import GMMPrior
+
+# soft tying: penalties between models, toward references, within groups
+from .soft import SoftTie, SoftTieWarning, anchor, group_tie, harden, soft_tie
+
+# between no sharing and full sharing: template banks, relaxed (low-rank delta) and basis sharing
+from .bank import materialize, template_share
+from .relaxed import convert_to_shared, relax
+from .basis import basis_share
+
+# GrOWL: sparsity and tying of correlated features (the rows kind)
+from .growl import GrOWL, growl_tie, owl_norm, owl_regression, owl_weights, prox_owl, tie_rows
+
+# ps.nn: modules with sharing built in; ps.distributed: DDP/FSDP2 with ties
+from . import nn
+from . import distributed
 
 __all__ = [
     "__version__",
