@@ -90,8 +90,19 @@ def _log_ticks(ax) -> None:
     """Readable ticks on a log x axis: 500, 1k, 2k, 5k, ... (every integer multiple on a narrow range)."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, NullLocator
 
+    import math
+
+    ax.autoscale_view()
     lo, hi = ax.get_xlim()
-    subs = (1.0, 2.0, 5.0) if hi / max(lo, 1e-12) > 8 else (1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0)
+    lo = max(lo, 1e-12)
+
+    def inside(subs) -> int:
+        return sum(lo <= m * 10.0 ** e <= hi for e in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+                   for m in subs)
+
+    # the sparsest tick set that still labels at least four points of the range
+    choices = ((1.0, 2.0, 5.0), (1.0, 2.0, 3.0, 5.0), (1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0))
+    subs = next((c for c in choices if inside(c) >= 4), choices[-1])
     ax.xaxis.set_major_locator(LogLocator(base=10, subs=subs))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _human(v)))
     ax.xaxis.set_minor_locator(NullLocator())
