@@ -6,6 +6,7 @@ docstrings of the Python standard library.
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
 import pydoc
@@ -51,8 +52,18 @@ def stdlib_sentences(n: int, seed: int = 0, skip: int = 0) -> list[str]:
 
     Deterministic for a seed; ``skip`` drops the first sentences of the shuffled pool, so
     disjoint calibration and evaluation sets are ``stdlib_sentences(a)`` and
-    ``stdlib_sentences(b, skip=a)``.
+    ``stdlib_sentences(b, skip=a)``: the pool is collected once per process, as the first call
+    finds it, so imports between the calls cannot change it.
     """
+    pool = list(_sentence_pool())
+    random.Random(seed).shuffle(pool)
+    if skip + n > len(pool):
+        raise ValueError(f"only {len(pool)} sentences available, asked for {skip + n}")
+    return pool[skip : skip + n]
+
+
+@functools.lru_cache(maxsize=1)
+def _sentence_pool() -> tuple[str, ...]:
     import importlib
 
     pool: list[str] = []
@@ -69,10 +80,7 @@ def stdlib_sentences(n: int, seed: int = 0, skip: int = 0) -> list[str]:
                 if 20 <= len(part) <= 300 and part not in seen and re.search(r"[a-z]{3}", part):
                     seen.add(part)
                     pool.append(part)
-    random.Random(seed).shuffle(pool)
-    if skip + n > len(pool):
-        raise ValueError(f"only {len(pool)} sentences available, asked for {skip + n}")
-    return pool[skip : skip + n]
+    return tuple(pool)
 
 
 @torch.no_grad()
