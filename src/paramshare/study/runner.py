@@ -219,13 +219,11 @@ def _write_outputs(out: Path, ctx: StudyContext, sections, results, distinct, na
     note = ""
     if ctx.reduced:
         note = "quick run: fewer steps than published" if ctx.steps_override is None else "smoke run: tiny step budget"
-    files: list[str] = []
-    for s in sections:
-        for f in s.figures:
-            if note and not f.note:
-                f.note = note
-            draw(f, out)
-            files.append(f.file)
+    figures = [f for s in sections for f in s.figures]
+    for f in figures:
+        if note and not f.note:
+            f.note = note
+    files = [f.file for f in figures]
     import torch
 
     from .. import __version__
@@ -258,4 +256,6 @@ def _write_outputs(out: Path, ctx: StudyContext, sections, results, distinct, na
     doc["wall_seconds"] = round(time.perf_counter() - t0, 2)
     _atomic_write(out / "report.md", markdown(doc, sections).encode())
     _atomic_write(out / "results.json", (json.dumps(doc, indent=1, sort_keys=False) + "\n").encode())
+    for f in figures:  # the numbers are on disk first: a plot that fails to draw loses no results
+        draw(f, out)
     return files
