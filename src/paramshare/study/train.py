@@ -37,8 +37,11 @@ def batches(n: int, batch: int, steps: int, seed: int):
 
 
 def fit(model: nn.Module, loss_fn: Callable[[torch.Tensor], torch.Tensor], n: int, steps: int, seed: int,
-        lr: float = LR, batch: int = BATCH) -> float:
-    """Train ``model`` with Adam for ``steps`` batches; ``loss_fn(idx)`` gives a batch's loss. Returns the last loss."""
+        lr: float = LR, batch: int = BATCH, after_step: Callable[[], None] | None = None) -> float:
+    """Train ``model`` with Adam for ``steps`` batches; ``loss_fn(idx)`` gives a batch's loss. Returns the last loss.
+
+    ``after_step`` runs after each optimizer step (e.g. a proximal step of a penalty).
+    """
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
     loss = torch.tensor(float("nan"))
@@ -47,6 +50,8 @@ def fit(model: nn.Module, loss_fn: Callable[[torch.Tensor], torch.Tensor], n: in
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if after_step is not None:
+            after_step()
     model.eval()
     return float(loss.detach())
 

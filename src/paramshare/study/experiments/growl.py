@@ -15,7 +15,7 @@ from ..data import Dataset
 from ..jobs import Job, job
 from ..models import build_model, step_cost
 from ..section import Column, Figure, Section, Series
-from ..train import LR, accuracy, batches
+from ..train import LR, accuracy, fit
 from .baselines import MODELS as BASELINES
 from .baselines import model_job
 
@@ -41,29 +41,15 @@ def growl_mlp(data: Dataset, steps: int, seed: int, lambda1: float, lambda2: flo
     net = build_model("mlp", data.channels, data.length, data.classes, seed)
     named = dict(net.named_parameters())
     reg = GrOWL([named[n] for n in LAYERS], lambda1=lambda1, lambda2=lambda2, kind="linear")
-    opt = torch.optim.Adam(net.parameters(), lr=LR)
-    net.train()
-    for idx in batches(len(y), 100, steps, seed + 1):
-        loss = F.cross_entropy(net(x[idx]), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        reg.step(LR)  # the proximal step of the penalty, right after the optimizer's
-    net.eval()
+    # the proximal step of the penalty right after each optimizer step
+    fit(net, lambda idx: F.cross_entropy(net(x[idx]), y[idx]), len(y), steps, seed + 1, after_step=lambda: reg.step(LR))
     out = {"trained_acc": accuracy(net, xt, yt), "zero_slices": reg.zero_slices(), "levels": []}
     for t in thresholds:
         m = copy.deepcopy(net)
         groups = {g.members[0]: g for g in growl_tie(m, names=list(LAYERS), threshold=t)}
         tied_acc = accuracy(m, xt, yt)
         if finetune:
-            opt = torch.optim.Adam(m.parameters(), lr=LR / 10)
-            m.train()
-            for idx in batches(len(y), 100, finetune, seed + 2):
-                loss = F.cross_entropy(m(x[idx]), y[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            m.eval()
+            fit(m, lambda idx, m=m: F.cross_entropy(m(x[idx]), y[idx]), len(y), finetune, seed + 2, lr=LR / 10)
         layers = []
         for n in LAYERS:
             inputs = named[n].shape[1]
