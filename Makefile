@@ -14,7 +14,7 @@ test: $(VENV)/.dev-installed
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.bench-installed
-	@for f in benchmarks/*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+	@for f in benchmarks/[!_]*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
