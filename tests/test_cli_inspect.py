@@ -209,7 +209,11 @@ def test_dedupe_ties_exact_and_transposed_duplicates_and_outputs_stay_exact(tmp_
     assert ps.load(fresh, tmp_path / "out.safetensors") == ps.LoadResult([], [])
     kinds = {(g.kind, g.source, g.members) for g in ps.find_ties(fresh)}
     assert kinds == {("alias", "enc.weight", ("enc.weight", "copy.weight")), ("transpose", "enc.weight", ("dec.weight",))}
-    assert torch.equal(fresh(x), net(x))
+    # every tensor comes back bit for bit; the output only differs by the rounding of a matmul on a transposed view
+    for name, value in net.state_dict().items():
+        module, _, attr = name.rpartition(".")
+        assert torch.equal(getattr(fresh.get_submodule(module), attr), value), name
+    torch.testing.assert_close(fresh(x), net(x), rtol=1e-6, atol=1e-5)
 
     # --near also ties the twin: outputs move a little, every replaced tensor stays within the threshold
     code, out, err = cli(capsys, "dedupe", tmp_path / "in.safetensors", tmp_path / "near.safetensors", "--near", "0.99", "--json")
