@@ -75,10 +75,16 @@ class SharedTransformer(nn.Module):
 
 
 def measure(contenders: dict, rounds: int) -> dict[str, float]:
-    """Median seconds per contender, alternating them in every round."""
+    """Median seconds per contender, alternating them in every round.
+
+    Every call starts with no dirty pages (``os.sync()`` before it, not timed): otherwise the
+    disk is still writing back what the previous contender left unsynced (``save_model`` and
+    ``torch.save`` do not sync) while the next one runs, and whoever syncs pays for it.
+    """
     times: dict[str, list[float]] = {k: [] for k in contenders}
     for _ in range(rounds):
         for name, fn in contenders.items():
+            os.sync()
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)

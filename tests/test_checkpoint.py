@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import struct
@@ -545,6 +546,27 @@ def test_an_error_or_a_crash_mid_save_keeps_the_old_file(tmp_path):
     assert len(leftovers) == 1 and leftovers[0].startswith(".m.safetensors.paramshare-")  # the crashed write's
     ps.save(nn.Linear(4, 4), target)  # the next save removes what the dead writer left
     assert os.listdir(tmp_path) == ["m.safetensors"]
+
+
+def test_large_tensors_are_written_in_chunks_handed_to_write_back(tmp_path, monkeypatch):
+    from paramshare import _stfile
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(100, 70), nn.Linear(70, 3))  # 28,000 bytes: several chunks, ends mid-chunk
+    ps.save(m, tmp_path / "whole.safetensors")
+    calls = []
+    real = _stfile._START_WRITEBACK
+    monkeypatch.setattr(_stfile, "_CHUNK", 4096)
+    monkeypatch.setattr(_stfile, "_START_WRITEBACK", lambda fd, off, n: (calls.append((off, n)), real and real(fd, off, n)))
+    ps.save(m, tmp_path / "chunked.safetensors")
+    data = (tmp_path / "chunked.safetensors").read_bytes()
+    assert data == (tmp_path / "whole.safetensors").read_bytes()
+    # every byte handed to write-back once, in order, no call larger than a chunk
+    assert [off for off, _ in calls] == list(itertools.accumulate([0] + [n for _, n in calls[:-1]]))
+    assert sum(n for _, n in calls) == len(data) and max(n for _, n in calls) <= 4096
+    fresh = nn.Sequential(nn.Linear(100, 70), nn.Linear(70, 3))
+    ps.load(fresh, tmp_path / "chunked.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), m.state_dict().values()))
 
 
 # ---- transformers -------------------------------------------------------------------------------
