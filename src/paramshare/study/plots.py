@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import os
 import tempfile
 from pathlib import Path
@@ -125,10 +127,41 @@ def _lines(ax, spec: Figure) -> None:
             ax.plot(s.x, s.y, label=s.label, color=color, marker=s.marker, linestyle=s.linestyle or "none",
                     markerfacecolor=face, markersize=7, linewidth=1.6)
         if s.point_labels:
-            for x, y, text in zip(s.x, s.y, s.point_labels):
-                if text:
-                    ax.annotate(text, (x, y), textcoords="offset points", xytext=s.label_offset, fontsize=7.5, color=color,
-                                ha="left" if s.label_offset[0] >= 0 else "right", va="bottom" if s.label_offset[1] >= 0 else "top")
+            for x, y, text in _merged_labels(s, spec):
+                ax.annotate(text, (x, y), textcoords="offset points", xytext=s.label_offset, fontsize=7.5, color=color,
+                            ha="left" if s.label_offset[0] >= 0 else "right", va="bottom" if s.label_offset[1] >= 0 else "top")
+
+
+def _merged_labels(s, spec: Figure) -> list[tuple[float, float, str]]:
+    """A series' point labels, points that nearly coincide sharing one label ("CNN, GRU").
+
+    Close means within 2% of the axis span on both axes (on a log axis, of the log span),
+    so labels of such points would print over each other.
+    """
+    pts = [(x, y, t) for x, y, t in zip(s.x, s.y, s.point_labels) if t and x is not None and y is not None]
+    if not pts:
+        return []
+
+    def pos(v, log):
+        return math.log10(v) if log and v > 0 else v
+
+    xs = [pos(p[0], spec.logx) for p in pts]
+    ys = [p[1] for p in pts]
+    if spec.ylim:
+        y_span = spec.ylim[1] - spec.ylim[0]
+    else:
+        y_span = max(ys) - min(ys)
+    x_span = (max(xs) - min(xs)) or 1.0
+    y_span = y_span or 1.0
+    out: list[list] = []
+    for (x, y, t), px in zip(pts, xs):
+        for g in out:
+            if abs(px - g[3]) <= 0.02 * x_span and abs(y - g[1]) <= 0.02 * y_span:
+                g[2] += f", {t}"
+                break
+        else:
+            out.append([x, y, t, px])
+    return [(x, y, t) for x, y, t, _ in out]
 
 
 def _bars(ax, spec: Figure) -> None:
