@@ -126,6 +126,36 @@ def test_fit_basis_minimises_the_sensitivity_weighted_whitened_error():
     assert (d[:, None] * (x @ (c0 @ t0 - w).T).T).square().sum() > 1.01 * tail
 
 
+def test_shared_basis_is_refined_for_layers_whose_inputs_differ():
+    # two layers sharing a basis, their inputs with different correlations: the SVD whitens by
+    # the summed Grams, the refinement fits each layer's own; it only ever lowers the error
+    from paramshare.kinds.bank import BasisFactors
+
+    g = torch.Generator().manual_seed(0)
+    ws = [torch.randn(12, 16, generator=g, dtype=torch.float64) for _ in range(2)]
+    xs = [_correlated_inputs(256, 16, seed=1).double(), _correlated_inputs(256, 16, seed=7).double() * torch.linspace(0.2, 3, 16, dtype=torch.float64)]
+    grams = [x.T @ x for x in xs]
+    rows = [torch.rand(12, generator=g, dtype=torch.float64) + 0.1 for _ in range(2)]
+    f = BasisFactors(ws, grams, rows)
+
+    def direct(t, cs):  # the error written out: sum_i ||D_i (W_i - C_i B) X_i^T||^2
+        return sum(float((r[:, None] * ((c @ t - w) @ x.T)).square().sum()) for r, c, w, x in zip(rows, cs, ws, xs))
+
+    errors = []
+    for steps in (0, 1, 3, 8):
+        t, cs = f.fit(5, refine=steps)
+        errors.append(direct(t, cs))
+        assert f.error(t, cs) == pytest.approx(errors[-1], rel=1e-9)
+    assert all(b <= a * (1 + 1e-12) for a, b in zip(errors, errors[1:]))  # never worse
+    assert errors[-1] < 0.97 * errors[0]  # and here clearly better
+    assert f.fit(5)[0].shape == (5, 16)  # the default refines too
+    torch.testing.assert_close(f.fit(5)[0], f.fit(5, refine=BasisFactors.REFINE_STEPS)[0])
+    # equal Grams and no row weights: the SVD is already optimal, refinement changes ~nothing
+    same = BasisFactors(ws, [grams[0], grams[0]])
+    e0, e8 = same.error(*same.fit(5, refine=0)), same.error(*same.fit(5, refine=8))
+    assert e8 == pytest.approx(e0, rel=1e-6)
+
+
 def test_calibration_records_input_moments_and_output_sensitivity():
     torch.manual_seed(0)
     lin = nn.Linear(8, 4)

@@ -141,7 +141,8 @@ def basis_share(
     the outputs backpropagated to the layer: an estimate of the diagonal of ``J^T J``). The
     shared basis is the SVD of the group's stacked weights, rows scaled by that sensitivity and
     columns whitened by the summed input moments; each layer's coefficients are then refitted
-    to its own inputs; and with ``ratio`` each family's budget is shared among its groups where
+    to its own inputs, and a few rounds of basis step + refit fit the shared basis to each
+    layer's own input moments (the summed whitening is exact only when they are equal); and with ``ratio`` each family's budget is shared among its groups where
     that error falls fastest, so ranks may differ between groups (the family as a whole still
     loses at least ``ratio`` of its parameters).
 
