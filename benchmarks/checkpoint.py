@@ -199,7 +199,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer rounds, smaller synthetic file")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    rounds = 3 if args.quick else 9
+    rounds = 3 if args.quick else 25
     from transformers import AutoConfig, AutoModel
 
     with tempfile.TemporaryDirectory() as tmp:

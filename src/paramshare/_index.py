@@ -13,9 +13,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
-from ._parametrize import Transposed, attr_order, is_derived, parametrization_of
+from ._parametrize import Transposed, attr_order, is_derived, is_parametrized, parametrization_of
 from .errors import SharingError, did_you_mean
 
 __all__ = ["Use", "ModelIndex", "storage_key", "storage_span"]
@@ -79,7 +78,7 @@ def storage_span(t: torch.Tensor) -> tuple[object, int, int]:
 def _walk(module: nn.Module, prefix: str = ""):
     """(name, module) for every registration path, the parametrizations' internals excluded."""
     yield prefix.rstrip("."), module
-    skip = "parametrizations" if parametrize.is_parametrized(module) else None
+    skip = "parametrizations" if is_parametrized(module) else None
     for name, child in module._modules.items():
         if child is None or name == skip:
             continue

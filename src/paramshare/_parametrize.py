@@ -48,7 +48,7 @@ def attr_order(module: nn.Module) -> list[str]:
     and a fresh one given the same plan.
     """
     names = list(module._parameters)
-    if parametrize.is_parametrized(module):
+    if is_parametrized(module):
         names += [a for a in module.parametrizations.keys() if a not in names]
     recorded = module.__dict__.get("_paramshare_order", ())
     if not recorded:
@@ -71,9 +71,24 @@ class Transposed(nn.Module):
         return x.transpose(0, 1).contiguous()
 
 
+def is_parametrized(module: nn.Module, attr: str | None = None) -> bool:
+    """``torch.nn.utils.parametrize.is_parametrized``, without its slow attribute lookup.
+
+    torch's version calls ``getattr(module, "parametrizations", None)``, which for the many
+    modules that have none goes through ``nn.Module.__getattr__`` and an AttributeError; the
+    model index asks this of every module and attribute, so it looks in ``_modules`` directly.
+    """
+    plists = module.__dict__.get("parametrizations")
+    if plists is None:
+        plists = module._modules.get("parametrizations")
+    if plists is None or not isinstance(plists, nn.ModuleDict):
+        return False
+    return len(plists) > 0 if attr is None else attr in plists
+
+
 def parametrization_of(module: nn.Module, attr: str) -> nn.Module | None:
     """The ``ParametrizationList`` of ``module.attr``, or None when it is a plain tensor."""
-    if parametrize.is_parametrized(module, attr):
+    if is_parametrized(module, attr):
         return module.parametrizations[attr]
     return None
 
@@ -91,12 +106,12 @@ def remove_derived(module: nn.Module, attr: str) -> None:
     ``set_``, which for a shared original corrupts every other use; this never writes.
     Afterwards ``module.attr`` is absent from ``_parameters`` until the caller sets it.
     """
-    if not parametrize.is_parametrized(module, attr):
+    if not is_parametrized(module, attr):
         return
     own_class(module)
     delattr(module.__class__, attr)
     del module.parametrizations[attr]
-    if not parametrize.is_parametrized(module):
+    if not is_parametrized(module):
         delattr(module, "parametrizations")
         module.__class__ = module.__class__.__bases__[0]
 
@@ -110,7 +125,7 @@ def own_class(module: nn.Module) -> None:
     """
     cls = module.__class__
     owner = cls.__dict__.get("_paramshare_owner")
-    if not parametrize.is_parametrized(module) or (owner is not None and owner() is module):
+    if not is_parametrized(module) or (owner is not None and owner() is module):
         return
     namespace = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
     namespace["_paramshare_owner"] = weakref.ref(module)
@@ -193,5 +208,5 @@ def _rebuild_parametrized(base: type, names: tuple[str, ...]) -> nn.Module:
 
 def make_picklable(module: nn.Module) -> None:
     """Let ``pickle`` (and ``torch.save(model)``) handle a module parametrized by paramshare."""
-    if parametrize.is_parametrized(module):
+    if is_parametrized(module):
         module.__class__.__reduce_ex__ = _reduce_ex
