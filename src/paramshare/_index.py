@@ -93,14 +93,20 @@ class ModelIndex:
             raise SharingError(f"expected an nn.Module, got {type(model).__name__}")
         self.model = model
         self.uses: dict[str, Use] = {}
+        #: the uses computed by a parametrization when the index was built (what the derived
+        #: kinds look through; usually a handful among many plain parameters)
+        self.derived_uses: dict[str, Use] = {}
         self.modules: dict[str, nn.Module] = {}
         for mname, module in _walk(model):
             self.modules.setdefault(mname, module)
+            parametrized = is_parametrized(module)
             for attr in attr_order(module):
                 if attr in module._parameters and module._parameters[attr] is None:
                     continue
                 name = f"{mname}.{attr}" if mname else attr
-                self.uses[name] = Use(name, module, mname, attr)
+                use = self.uses[name] = Use(name, module, mname, attr)
+                if parametrized and is_parametrized(module, attr):
+                    self.derived_uses[name] = use
         self.param_paths: dict[str, nn.Parameter] = dict(model.named_parameters(remove_duplicate=False))
         self._positions: dict[str, int] | None = None
         self._canonical: dict[int, str] = {}

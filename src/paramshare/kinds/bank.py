@@ -336,7 +336,7 @@ class BankKind(Kind):
     def find(self, index: ModelIndex) -> list[TieGroup]:
         buckets: dict[int, list[str]] = {}
         first: dict[int, tuple[Bank, torch.Tensor]] = {}
-        for name, use in index.uses.items():
+        for name, use in index.derived_uses.items():
             bank = own_parametrization(use, Bank)
             if bank is None:
                 continue

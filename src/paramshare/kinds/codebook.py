@@ -201,7 +201,7 @@ class CodebookKind(Kind):
     def find(self, index: ModelIndex) -> list[TieGroup]:
         buckets: dict[int, list[str]] = {}
         first: dict[int, tuple[Use, Codebook]] = {}
-        for name, use in index.uses.items():
+        for name, use in index.derived_uses.items():
             cb = codebook_of(use)
             if cb is None:
                 continue

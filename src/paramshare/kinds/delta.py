@@ -87,7 +87,7 @@ class DeltaKind(Kind):
     def find(self, index: ModelIndex) -> list[TieGroup]:
         buckets: dict[int, list[str]] = {}
         first: dict[int, tuple[Delta, torch.Tensor]] = {}
-        for name, use in index.uses.items():
+        for name, use in index.derived_uses.items():
             d = own_parametrization(use, Delta)
             if d is None:
                 continue

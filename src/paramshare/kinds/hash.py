@@ -71,7 +71,7 @@ class Hash(Kind):
     def find(self, index: ModelIndex) -> list[TieGroup]:
         buckets: dict[int, list[str]] = {}
         originals: dict[int, torch.Tensor] = {}
-        for name, use in index.uses.items():
+        for name, use in index.derived_uses.items():
             if _hashed(use) is not None:
                 orig = use.plist.original
                 buckets.setdefault(id(orig), []).append(name)

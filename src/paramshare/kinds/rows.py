@@ -139,7 +139,7 @@ class Rows(Kind):
     # ---- reading the model -----------------------------------------------------------------
     def find(self, index: ModelIndex) -> list[TieGroup]:
         groups = []
-        for name, use in index.uses.items():
+        for name, use in index.derived_uses.items():
             p = _shared_rows(use)
             if p is None:
                 continue

@@ -51,7 +51,7 @@ class Transpose(Kind):
     def find(self, index: ModelIndex) -> list[TieGroup]:
         buckets: dict[int, list[str]] = {}
         originals = {}
-        for name, use in index.uses.items():
+        for name, use in index.derived_uses.items():
             if is_derived(use.module, use.attr, Transposed):
                 orig = use.plist.original
                 buckets.setdefault(id(orig), []).append(name)
