@@ -156,6 +156,25 @@ def test_shared_basis_is_refined_for_layers_whose_inputs_differ():
     assert e8 == pytest.approx(e0, rel=1e-6)
 
 
+def test_per_layer_grams_are_shrunk_toward_their_mean_by_the_calibration_size():
+    from paramshare.kinds.bank import BasisFactors, _shrunk
+
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(40, 16, generator=g, dtype=torch.float64) * (i + 1) for i in range(3)]
+    grams = [x.T @ x for x in xs]
+    assert _shrunk(grams, None) is grams and _shrunk(grams[:1], 10) == grams[:1]  # nothing to pool
+    shrunk = _shrunk(grams, 48)  # d = 16: alpha = 16 / 64 = 0.25
+    mean = sum(grams) / 3
+    for before, after in zip(grams, shrunk):
+        torch.testing.assert_close(after, 0.75 * before + 0.25 * mean)
+    torch.testing.assert_close(sum(shrunk), sum(grams))  # the summed whitening is unchanged
+    assert _shrunk(grams, 0)[0].allclose(mean)  # no rows: the pooled estimate only
+    ws = [torch.randn(12, 16, generator=g, dtype=torch.float64) for _ in range(3)]
+    plain, pooled = BasisFactors(ws, grams), BasisFactors(ws, grams, tokens=48)
+    torch.testing.assert_close(plain.s, pooled.s)  # same SVD; only the per-layer fits change
+    assert not torch.allclose(plain.fit(4)[1][0], pooled.fit(4)[1][0])
+
+
 def test_calibration_records_input_moments_and_output_sensitivity():
     torch.manual_seed(0)
     lin = nn.Linear(8, 4)

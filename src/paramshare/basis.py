@@ -142,7 +142,9 @@ def basis_share(
     shared basis is the SVD of the group's stacked weights, rows scaled by that sensitivity and
     columns whitened by the summed input moments; each layer's coefficients are then refitted
     to its own inputs, and a few rounds of basis step + refit fit the shared basis to each
-    layer's own input moments (the summed whitening is exact only when they are equal); and with ``ratio`` each family's budget is shared among its groups where
+    layer's own input moments (the summed whitening is exact only when they are equal; each
+    layer's moments are shrunk toward the group's mean by ``d / (d + tokens)``, so scarce
+    calibration data is not overfitted); and with ``ratio`` each family's budget is shared among its groups where
     that error falls fastest, so ranks may differ between groups (the family as a whole still
     loses at least ``ratio`` of its parameters).
 
@@ -211,7 +213,8 @@ def basis_share(
     def weights_of(members):
         grams = None if stats is None else [stats[u.name].gram for u in members]
         rows = None if stats is None else [stats[u.name].row_weights() for u in members]
-        return grams, (None if rows is None or any(r is None for r in rows) else rows)
+        tokens = None if stats is None else min(stats[u.name].tokens for u in members)
+        return grams, (None if rows is None or any(r is None for r in rows) else rows), tokens
 
     factors: dict[int, BasisFactors] = {}
     if stats is not None and not _is_meta(families):

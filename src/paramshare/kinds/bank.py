@@ -153,6 +153,23 @@ def _times_inv(x: torch.Tensor, chol: torch.Tensor | None) -> torch.Tensor:
     return x if chol is None else torch.linalg.solve_triangular(chol, x, upper=False, left=False)
 
 
+def _shrunk(grams: list[torch.Tensor], tokens: int | None) -> list[torch.Tensor]:
+    """Per-layer Grams pulled toward their mean by ``d / (d + tokens)`` (d: input size).
+
+    Each layer's Gram estimates its inputs' second moments from ``tokens`` rows; with few rows
+    per dimension the estimate is noisy, and fitting each layer to its own noise hurts on new
+    inputs (measured on MiniLM with 64 calibration sentences, 1.5k tokens: cosine 0.906
+    unshrunk, 0.914 shrunk). The pooled mean rests on all the layers' rows. The sum, and so the
+    SVD's whitening, is unchanged; with one layer, or ``tokens`` unknown, nothing changes.
+    """
+    if tokens is None or len(grams) < 2:
+        return grams
+    d = grams[0].shape[0]
+    alpha = d / (d + max(int(tokens), 0))
+    mean = sum(grams) / len(grams)
+    return [(1 - alpha) * g + alpha * mean for g in grams]
+
+
 class BasisFactors:
     """The SVD that a shared ``basis_in`` basis truncates, computed once for any rank.
 
@@ -165,11 +182,11 @@ class BasisFactors:
     #: with per-layer Grams, at most this many rounds of basis step + coefficient refit
     REFINE_STEPS = 8
 
-    def __init__(self, weights: Sequence[torch.Tensor], grams=None, row_weights=None):
+    def __init__(self, weights: Sequence[torch.Tensor], grams=None, row_weights=None, tokens: int | None = None):
         self.shape = tuple(weights[0].shape)
         self.dtype = weights[0].dtype
         self.mats = [_f64(w).reshape(self.shape[0], -1) for w in weights]
-        self.grams = None if grams is None else [_f64(g) for g in grams]
+        self.grams = None if grams is None else _shrunk([_f64(g) for g in grams], tokens)
         self.chol = None if grams is None else _whitener(sum(self.grams))
         self.row_sq = None if row_weights is None else [_f64(d).square()[:, None] for d in row_weights]
         rows = self.mats if row_weights is None else [_f64(d)[:, None] * m for d, m in zip(row_weights, self.mats)]

@@ -174,10 +174,12 @@ def _bars(ax, spec: Figure) -> None:
         color = _color(s, i)
         bars = ax.bar(xs, ys, width=width * 0.95, label=s.label, color=color if s.filled else "white",
                       edgecolor=color, linewidth=1.2, yerr=s.err, capsize=3 if s.err else 0)
-        for b, v in zip(bars, s.y):
+        errs = s.err if s.err is not None else [None] * len(s.y)
+        for b, v, e in zip(bars, s.y, errs):
             if v is not None:
                 text = f"{100 * v:.0f}%" if spec.yfmt == "pct" else f"{v:.3g}"
-                ax.annotate(text, (b.get_x() + b.get_width() / 2, b.get_height()), textcoords="offset points",
+                top = b.get_height() + (e if e is not None and e == e else 0.0)  # above the error bar
+                ax.annotate(text, (b.get_x() + b.get_width() / 2, top), textcoords="offset points",
                             xytext=(0, 2), ha="center", va="bottom", fontsize=7.5)
     ax.set_xticks(range(len(cats)))
     ax.set_xticklabels(cats)

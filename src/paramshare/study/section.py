@@ -26,6 +26,16 @@ class Column:
     fmt: str = "str"
 
 
+def seeds_words(n: int) -> str:
+    """``"one seed"`` or ``"3 seeds"``: how many seeds a figure rests on, in words."""
+    return "one seed" if n == 1 else f"{n} seeds"
+
+
+def mean_over(n: int) -> str:
+    """``"one seed"`` or ``"mean over 3 seeds"``: what a figure averages."""
+    return "one seed" if n == 1 else f"mean over {seeds_words(n)}"
+
+
 def fmt_value(value, fmt: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"

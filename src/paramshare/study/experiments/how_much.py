@@ -7,7 +7,7 @@ import statistics
 from ..context import StudyContext
 from ..jobs import Job, job
 from ..models import step_cost
-from ..section import Column, Figure, Section, Series
+from ..section import Column, Figure, Section, Series, mean_over
 
 DEPTH, WIDTH = 6, 24
 TITLE = "How much to share: depth from reuse vs depth from parameters"
@@ -138,7 +138,7 @@ def summarize(ctx: StudyContext, results: dict) -> Section:
         logx=True,
     )
     steps = ctx.steps(FULL_STEPS, QUICK_STEPS)
-    notes = [f"{steps} training steps per network; accuracies are means over {len(seeds)} seed(s). "
+    notes = [f"{steps} training steps per network; accuracies: {mean_over(len(seeds))}. "
              "'cycle' repeats blocks A B C A B C, 'sequence' A A B B C C, 'all' one block everywhere; "
              "relax gives each use of the shared block its own low-rank delta; template_share makes each "
              "block's filters a learned mix of a few shared templates (biases stay per block)."]

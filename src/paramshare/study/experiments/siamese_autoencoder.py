@@ -15,7 +15,7 @@ from ..context import StudyContext
 from ..data import Dataset
 from ..jobs import Job, job
 from ..models import conv_length
-from ..section import Column, Figure, Section, Series
+from ..section import Column, Figure, Section, Series, seeds_words
 from ..train import fit, param_counts
 
 TITLE = "Siamese twins and tied autoencoders"
@@ -226,7 +226,7 @@ def summarize(ctx: StudyContext, results: dict) -> Section:
     ]
     notes = [
         f"Siamese: {ctx.steps(*SIAMESE_STEPS)} steps of 100 pairs (half same digit), {EVAL_PAIRS} fixed test pairs, "
-        f"{len(ctx.seeds(*SIAMESE_SEEDS))} seed(s). Autoencoders: {ctx.steps(*AE_STEPS)} steps, code size {AE_CODE}, "
-        f"{len(ctx.seeds(*AE_SEEDS))} seed(s); MSE on standardised inputs."
+        f"{seeds_words(len(ctx.seeds(*SIAMESE_SEEDS)))}. Autoencoders: {ctx.steps(*AE_STEPS)} steps, code size {AE_CODE}, "
+        f"{seeds_words(len(ctx.seeds(*AE_SEEDS)))}; MSE on standardised inputs."
     ]
     return Section("siamese_autoencoder", TITLE, QUESTION, columns, rows, findings, figs, notes)

@@ -16,7 +16,7 @@ from ..context import StudyContext
 from ..data import Dataset
 from ..jobs import Job, job
 from ..models import build_model
-from ..section import Column, Figure, Section, Series
+from ..section import Column, Figure, Section, Series, mean_over
 from ..train import accuracy, batches, param_counts
 
 TITLE = "Soft tying two related tasks"
@@ -125,7 +125,7 @@ def summarize(ctx: StudyContext, results: dict) -> Section:
         title=f"{ctx.data.title}: two related tasks, {FRACTION:.0%} of the labels each",
         xlabel="how the two CNNs' convolutions are tied (stored parameters)",
         ylabel="mean test accuracy of the two tasks",
-        series=[Series(f"mean over {len(seeds)} seed(s)", labels, [r["test_acc"][0] for r in rows],
+        series=[Series(mean_over(len(seeds)), labels, [r["test_acc"][0] for r in rows],
                        err=[r["test_acc"][1] for r in rows] if len(seeds) > 1 else None, color=0)],
         kind="bars",
         categories=[f"{lab}\n({r['stored_params']:,} stored)" for lab, r in zip(labels, rows)],
