@@ -155,6 +155,9 @@ def basis_share(
         ratio: fraction of each family's parameters to remove, in (0, 1).
         rank: or an explicit basis rank k for every group (give ``ratio`` or ``rank``).
         group_size: how many consecutive layers share one basis (the last group may be smaller).
+            With calibration, sharing pays when there is enough of it: on MiniLM, 512 sentences
+            (about 30 tokens per input dimension) favour 2 (cosine 0.953 vs 0.950 for 1 at 20%
+            removed), 64 sentences (about 4) favour 1 (0.919 vs 0.916).
         calibration: optional iterable of input batches: a tensor is passed positionally
             (``model(batch)``), a dict as keyword arguments (``model(**batch)``), a tuple or list
             as positional arguments. Run in eval mode (restored afterwards), one forward and
