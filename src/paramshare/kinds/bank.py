@@ -251,9 +251,6 @@ class BasisFactors:
         rank = basis.shape[0]
         if steps <= 0 or rank == 0:
             return basis, coeffs
-        eye_in = torch.eye(basis.shape[1], dtype=basis.dtype, device=basis.device)
-        gsum = sum(self.grams)
-        gsum_inv = torch.linalg.inv(gsum + 1e-10 * gsum.diagonal().mean().clamp(min=1e-30) * eye_in)
         eye_k = torch.eye(rank, dtype=basis.dtype, device=basis.device)
         err = self.error(basis, coeffs)
         for _ in range(steps):
@@ -263,7 +260,8 @@ class BasisFactors:
                 dc = c if self.row_sq is None else self.row_sq[i] * c
                 grad = grad + dc.T @ (m - c @ basis) @ self.grams[i]  # minus half the gradient
                 curv = curv + c.T @ dc
-            step = torch.linalg.solve(curv + 1e-12 * curv.diagonal().mean().clamp(min=1e-30) * eye_k, grad) @ gsum_inv
+            step = torch.linalg.solve(curv + 1e-12 * curv.diagonal().mean().clamp(min=1e-30) * eye_k, grad)
+            step = torch.cholesky_solve(step.T, self.chol).T  # times (sum_i G_i)^-1, by the whitening's factor
             num = float((grad * step).sum())
             den = 0.0
             for i, c in enumerate(coeffs):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-
 import os
 import tempfile
 from pathlib import Path
@@ -178,7 +177,7 @@ def _bars(ax, spec: Figure) -> None:
         for b, v, e in zip(bars, s.y, errs):
             if v is not None:
                 text = f"{100 * v:.0f}%" if spec.yfmt == "pct" else f"{v:.3g}"
-                top = b.get_height() + (e if e is not None and e == e else 0.0)  # above the error bar
+                top = b.get_height() + (e if e is not None and not math.isnan(e) else 0.0)  # above the error bar
                 ax.annotate(text, (b.get_x() + b.get_width() / 2, top), textcoords="offset points",
                             xytext=(0, 2), ha="center", va="bottom", fontsize=7.5)
     ax.set_xticks(range(len(cats)))
