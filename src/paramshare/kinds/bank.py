@@ -246,7 +246,7 @@ class BasisFactors:
         B), then every layer's coefficients are refitted exactly. Both moves can only lower the
         error; the rounds stop early when a round gains less than 1e-4 of it. On MiniLM at 20%
         removed this cuts the error by about 12% and lifts the embeddings' cosine from 0.947
-        to 0.954.
+        to 0.954 (0.953 with the per-layer Grams shrunk, see ``_shrunk``).
         """
         rank = basis.shape[0]
         if steps <= 0 or rank == 0:
