@@ -41,9 +41,10 @@ class Use:
     @property
     def param(self) -> nn.Parameter | None:
         """The plain ``nn.Parameter`` of this use (None when derived)."""
-        if self.derived:
+        p = self.module._parameters.get(self.attr)
+        if p is None or is_parametrized(self.module, self.attr):
             return None
-        return self.module._parameters.get(self.attr)
+        return p
 
     def value(self) -> torch.Tensor:
         """The tensor the module uses (computed for derived uses)."""
@@ -75,14 +76,23 @@ def storage_span(t: torch.Tensor) -> tuple[object, int, int]:
     return storage_key(t), start, start + extent * es
 
 
-def _walk(module: nn.Module, prefix: str = ""):
-    """(name, module) for every registration path, the parametrizations' internals excluded."""
-    yield prefix.rstrip("."), module
+def _walk(module: nn.Module, prefix: str = "", inside: bool = False):
+    """(name, module, inside) for every registration path, as ``named_modules(remove_duplicate=False)``.
+
+    ``inside`` is True within a parametrization's internals (``parametrizations.<attr>...``):
+    their tensors are stored there but no forward pass reads them as module attributes.
+    """
+    yield prefix[:-1], module, inside
     skip = "parametrizations" if is_parametrized(module) else None
     for name, child in module._modules.items():
-        if child is None or name == skip:
-            continue
-        yield from _walk(child, prefix + name + ".")
+        if child is not None:
+            yield from _walk(child, prefix + name + ".", inside or name == skip)
+
+
+def _plain_traversal(modules) -> bool:
+    """Whether every module lists its children and parameters the way ``nn.Module`` does."""
+    base_modules, base_params = nn.Module.named_modules, nn.Module.named_parameters
+    return all(type(m).named_modules is base_modules and type(m).named_parameters is base_params for m in modules)
 
 
 class ModelIndex:
@@ -97,17 +107,26 @@ class ModelIndex:
         #: kinds look through; usually a handful among many plain parameters)
         self.derived_uses: dict[str, Use] = {}
         self.modules: dict[str, nn.Module] = {}
-        for mname, module in _walk(model):
+        self.param_paths: dict[str, nn.Parameter] = {}
+        walked = []
+        for mname, module, inside in _walk(model):
+            walked.append(module)
+            dot = mname + "." if mname else ""
+            for attr, p in module._parameters.items():
+                if p is not None:
+                    self.param_paths[dot + attr] = p
+            if inside:
+                continue
             self.modules.setdefault(mname, module)
             parametrized = is_parametrized(module)
             for attr in attr_order(module):
                 if attr in module._parameters and module._parameters[attr] is None:
                     continue
-                name = f"{mname}.{attr}" if mname else attr
-                use = self.uses[name] = Use(name, module, mname, attr)
+                use = self.uses[dot + attr] = Use(dot + attr, module, mname, attr)
                 if parametrized and is_parametrized(module, attr):
-                    self.derived_uses[name] = use
-        self.param_paths: dict[str, nn.Parameter] = dict(model.named_parameters(remove_duplicate=False))
+                    self.derived_uses[dot + attr] = use
+        if not _plain_traversal(walked):  # a module with its own traversal: ask it
+            self.param_paths = dict(model.named_parameters(remove_duplicate=False))
         self._positions: dict[str, int] | None = None
         self._canonical: dict[int, str] = {}
         for name, use in self.uses.items():

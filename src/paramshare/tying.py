@@ -96,9 +96,12 @@ def _target_check(index: ModelIndex, source: Use, src: nn.Parameter, src_t: bool
 
 def _find(index: ModelIndex) -> list[TieGroup]:
     groups: list[TieGroup] = []
+    position = index.position
     for name in kind_names():
         found = get_kind(name).find(index)
-        groups += sorted(found, key=lambda g: min(index.position(m) for m in g.members))
+        if len(found) > 1:
+            found = sorted(found, key=lambda g: min(map(position, g.members)))
+        groups += found
     return groups
 
 

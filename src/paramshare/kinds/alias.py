@@ -20,13 +20,16 @@ class Alias(Kind):
     def find(self, index: ModelIndex) -> list[TieGroup]:
         buckets: dict[object, list[str]] = {}
         shapes = {}
+        keys: dict[int, object] = {}  # one view key per parameter object (aliases repeat it)
         for name, use in index.uses.items():
             p = use.param
             if p is None:
                 continue
-            key = view_key(p)
+            key = keys.get(id(p))
+            if key is None:
+                key = keys[id(p)] = view_key(p)
+                shapes[key] = tuple(p.shape)
             buckets.setdefault(key, []).append(name)
-            shapes[key] = tuple(p.shape)
         return [
             TieGroup(self.name, names[0], tuple(names), shapes[key])
             for key, names in buckets.items()
