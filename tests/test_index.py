@@ -83,3 +83,36 @@ def test_repeated_registrations_are_listed_under_every_path():
     assert {"a.weight", "b.weight"} <= set(index.uses) and index.uses["a.weight"].param is index.uses["b.weight"].param
     assert "unused" not in index.uses and "gap" not in index.modules
     assert index.canonical(index.uses["b.weight"].param) == "a.weight"
+
+
+class _Extra(nn.Linear):
+    def get_extra_state(self):
+        return {"note": 1}
+
+    def set_extra_state(self, state):
+        pass
+
+
+def _stateful_models():
+    yield from _models()
+    bn = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
+    bn[0].register_buffer("scratch", torch.zeros(2), persistent=False)
+    bn[0].register_buffer("empty", None)
+    yield "buffers", bn
+    yield "extra state", nn.Sequential(nn.Linear(2, 2), _Extra(2, 2))
+    hooked = nn.Sequential(nn.Linear(2, 2))
+
+    def drop_bias(module, sd, prefix, meta):
+        del sd["0.bias"]
+
+    hooked.register_state_dict_post_hook(drop_bias)
+    yield "state_dict hook", hooked
+
+
+@pytest.mark.parametrize("label,model", list(_stateful_models()), ids=lambda v: v if isinstance(v, str) else "")
+def test_state_entries_match_state_dict(label, model):
+    got = ModelIndex(model).state_entries()
+    want = model.state_dict(keep_vars=True)
+    assert list(got) == list(want)
+    for k, v in want.items():
+        assert got[k] is v or (not isinstance(v, torch.Tensor) and got[k] == v), k

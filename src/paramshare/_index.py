@@ -89,6 +89,18 @@ def _walk(module: nn.Module, prefix: str = "", inside: bool = False):
             yield from _walk(child, prefix + name + ".", inside or name == skip)
 
 
+def _plain_state(module: nn.Module) -> bool:
+    """Whether ``module.state_dict`` would hold exactly its parameters and persistent buffers."""
+    cls = type(module)
+    return (
+        cls.state_dict is nn.Module.state_dict
+        and cls._save_to_state_dict is nn.Module._save_to_state_dict
+        and cls.get_extra_state is nn.Module.get_extra_state
+        and not module._state_dict_hooks
+        and not module._state_dict_pre_hooks
+    )
+
+
 def _plain_traversal(modules) -> bool:
     """Whether every module lists its children and parameters the way ``nn.Module`` does."""
     base_modules, base_params = nn.Module.named_modules, nn.Module.named_parameters
@@ -108,10 +120,10 @@ class ModelIndex:
         self.derived_uses: dict[str, Use] = {}
         self.modules: dict[str, nn.Module] = {}
         self.param_paths: dict[str, nn.Parameter] = {}
-        walked = []
+        walked = self._walked = []
         for mname, module, inside in _walk(model):
-            walked.append(module)
             dot = mname + "." if mname else ""
+            walked.append((dot, module))
             for attr, p in module._parameters.items():
                 if p is not None:
                     self.param_paths[dot + attr] = p
@@ -125,7 +137,7 @@ class ModelIndex:
                 use = self.uses[dot + attr] = Use(dot + attr, module, mname, attr)
                 if parametrized and is_parametrized(module, attr):
                     self.derived_uses[dot + attr] = use
-        if not _plain_traversal(walked):  # a module with its own traversal: ask it
+        if not _plain_traversal(m for _, m in walked):  # a module with its own traversal: ask it
             self.param_paths = dict(model.named_parameters(remove_duplicate=False))
         self._positions: dict[str, int] | None = None
         self._canonical: dict[int, str] = {}
@@ -188,6 +200,25 @@ class ModelIndex:
         return self._positions.get(name, len(self._positions))
 
     # ---- storage -------------------------------------------------------------------------
+    def state_entries(self) -> dict[str, object]:
+        """``model.state_dict(keep_vars=True)`` (names and the tensors themselves).
+
+        Read from the walk when no module customises its state dict (hooks, extra state, its
+        own ``state_dict``); otherwise torch's ``state_dict`` is asked.
+        """
+        if not all(_plain_state(m) for _, m in self._walked):
+            return self.model.state_dict(keep_vars=True)
+        out: dict[str, object] = {}
+        for dot, m in self._walked:
+            for name, p in m._parameters.items():
+                if p is not None:
+                    out[dot + name] = p
+            skip = m._non_persistent_buffers_set
+            for name, b in m._buffers.items():
+                if b is not None and name not in skip:
+                    out[dot + name] = b
+        return out
+
     def unique_params(self) -> list[tuple[str, nn.Parameter]]:
         """Every distinct stored parameter once, by canonical name, in model order."""
         seen: set[int] = set()

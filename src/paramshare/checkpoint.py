@@ -480,7 +480,7 @@ def _collect(model: nn.Module) -> tuple[dict[str, torch.Tensor], SharingPlan, di
     prefixes = _member_prefixes(groups)
     aliases: dict[str, str] = {}
     first_by_view: dict[object, str] = {}
-    for name, t in model.state_dict(keep_vars=True).items():
+    for name, t in index.state_entries().items():
         if _covered(name, names, prefixes) or (isinstance(t, torch.Tensor) and id(t) in owned):
             continue
         if not isinstance(t, torch.Tensor):
@@ -738,7 +738,7 @@ def _match_rest(model, index, groups, installed, parsed: _Parsed, tensors: _File
     names = {n for g in groups for n in (*g.members, g.source)}
     prefixes = _member_prefixes(groups)
     buckets: dict[object, list[tuple[str, torch.Tensor]]] = {}
-    for name, t in model.state_dict(keep_vars=True).items():
+    for name, t in index.state_entries().items():
         if _covered(name, names, prefixes) or not isinstance(t, torch.Tensor) or id(t) in owned:
             continue
         buckets.setdefault(view_key(t), []).append((name, t))
