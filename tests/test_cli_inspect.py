@@ -107,6 +107,41 @@ def test_inspect_paramshare_checkpoints_show_plan_aliases_and_compression(tmp_pa
     assert "sharing plan: 1 group(s)" in out and "embed.weight" in out
 
 
+def test_inspect_shows_the_codebooks_of_a_clustered_checkpoint(tmp_path, capsys):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8), nn.ReLU(), nn.Linear(8, 4))
+    ps.cluster(m, bits=3, min_numel=100, include=["0.weight"])
+    ps.cluster(m, clusters=5, granularity="channel", min_numel=100, include=["2.weight"])
+    path = tmp_path / "c.safetensors"
+    ps.save(m, path)
+    info = inspect_json(capsys, path)
+    books = {b["weight"]: b for b in info["codebooks"]}
+    assert set(books) == {"0.weight", "2.weight"}
+    b0, b2 = books["0.weight"], books["2.weight"]
+    assert (b0["shape"], b0["clusters"], b0["bits"], b0["granularity"]) == ([32, 64], 8, 3, "tensor")
+    assert (b2["shape"], b2["clusters"], b2["bits"], b2["granularity"]) == ([8, 32], 5, 3, 1)
+    assert b0["stored_bytes"] == 8 * 4 + (32 * 64 * 3 + 7) // 8  # centroids + labels packed at 3 bits
+    assert b2["stored_bytes"] == 8 * 5 * 4 + (8 * 32 * 3 + 7) // 8  # a codebook per output channel
+    assert b0["dense_bytes"] == 32 * 64 * 4 and b2["dense_bytes"] == 8 * 32 * 4
+    code, out, _ = cli(capsys, "inspect", path)
+    assert code == 0
+    assert "sharing plan: 2 group(s): 2 codebook" in out
+    assert "codebooks: 2 clustered weight(s)" in out and "32x64" in out and " channel " in out
+    assert "parametrizations.weight.original" not in out  # internal storage names stay out of the table
+
+
+def test_inspect_piped_into_a_reader_that_stops_early_exits_quietly(tmp_path):
+    import subprocess
+
+    path = tmp_path / "many.safetensors"
+    save_file({f"t{i:04d}.weight": torch.full((2,), float(i)) for i in range(3000)}, str(path))
+    run = "import sys; from paramshare.cli import main; sys.exit(main())"
+    cmd = f"{sys.executable} -c '{run}' inspect {path} --limit 0 | head -n 1"
+    done = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == str(path)
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
+
+
 def test_inspect_reads_pt_files_with_weights_only_and_sees_shared_storage(tmp_path, capsys):
     lin = nn.Linear(8, 8)
     state = {"a.weight": lin.weight.data, "b.weight": lin.weight.data, "c": torch.ones(3)}

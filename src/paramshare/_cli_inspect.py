@@ -2,16 +2,19 @@
 
 Works on any safetensors file (paramshare checkpoints, ``safetensors``/Hugging Face files) and
 on ``.pt``/``.bin`` state dicts (read with ``torch.load(weights_only=True)`` only). Prints the
-tensor count, total and unique bytes, the sharing plan and alias metadata if present, exact
-and transposed duplicates and, with ``--near``, near duplicates, each with the bytes that
-tying would save. ``--json`` prints the same as JSON. Exit code 2 on an unreadable file.
+tensor count, total and unique bytes, the sharing plan and alias metadata if present, the
+codebooks of clustered weights (shape, clusters, bits, stored and dense bytes), exact and
+transposed duplicates and, with ``--near``, near duplicates, each with the bytes that tying
+would save. ``--json`` prints the same as JSON. Exit code 2 on an unreadable file.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+from collections import Counter
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,6 +72,7 @@ def inspect_file(path, near: float | None = None, min_numel: int = 16) -> dict:
         "plan": None if w.plan is None else w.plan.to_dict(),
         "aliases": w.aliases,
         "compressed": {n: dict(s, stored_bytes=_stored(w, n)) for n, s in w.encoding.items()},
+        "codebooks": _codebooks(w),
         "exact_duplicates": d.exact,
         "transposed_duplicates": d.transposed,
         "near_threshold": near,
@@ -83,6 +87,39 @@ def inspect_file(path, near: float | None = None, min_numel: int = 16) -> dict:
 
 def _stored(w, name: str) -> int:
     return len(w.raw(name)) if w.raw is not None else 0
+
+
+def _codebooks(w) -> list[dict]:
+    """One entry per clustered weight of the plan: its shape, clusters, bits and bytes.
+
+    ``stored_bytes`` is what the file holds for it (centroids plus packed labels, entropy-coded
+    when the file was saved with ``compress=True``); ``dense_bytes`` the weight in the
+    centroids' dtype.
+    """
+    if w.plan is None:
+        return []
+    out = []
+    for g in w.plan:
+        if g.kind != "codebook":
+            continue
+        o = dict(g.options)
+        shape = [int(s) for s in o.get("weight_shape", [])]
+        names = [n for n in (g.source, g.source + ".labels") if n in w.tensors]
+        stored = sum(_stored(w, n) if n in w.encoding else w.nbytes(n) for n in names)
+        cent = w.tensors.get(g.source)
+        size = cent.element_size() if cent is not None else 4
+        out.append({
+            "weight": g.members[0],
+            "uses": list(g.members),
+            "shape": shape,
+            "clusters": o.get("clusters"),
+            "granularity": o.get("granularity"),
+            "bits": o.get("bits"),
+            "zero_pinned": bool(o.get("zero", False)),
+            "stored_bytes": stored,
+            "dense_bytes": math.prod(shape) * size if shape else None,
+        })
+    return out
 
 
 def render(info: dict, limit: int = 20) -> str:
@@ -121,10 +158,29 @@ def render(info: dict, limit: int = 20) -> str:
     elif not plan["groups"]:
         lines.append("sharing plan: no ties")
     else:
-        lines.append(f"sharing plan: {len(plan['groups'])} group(s)")
+        kinds = Counter(g["kind"] for g in plan["groups"])
+        lines.append(f"sharing plan: {len(plan['groups'])} group(s): " + ", ".join(f"{n} {k}" for k, n in kinds.items()))
+        # clustered weights get their own table below; the rest are listed here
+        groups = [g for g in plan["groups"] if g["kind"] != "codebook"]
         rows = [[g["kind"], shorten(g["source"], 40), shorten(", ".join(g["members"]), 60), len(g["members"]),
-                 "x".join(map(str, g.get("shape", []))) or "-"] for g in plan["groups"]]
-        lines.append(_indent(render_table(["kind", "stored as", "used by", "uses", "shape"], cap(rows), "lllrl")))
+                 "x".join(map(str, g.get("shape", []))) or "-"] for g in groups]
+        if rows:
+            lines.append(_indent(render_table(["kind", "stored as", "used by", "uses", "shape"], cap(rows), "lllrl")))
+            lines += more(rows)
+    books = info["codebooks"]
+    if books:
+        stored = sum(b["stored_bytes"] for b in books)
+        dense = sum(b["dense_bytes"] or 0 for b in books)
+        lines.append("")
+        lines.append(
+            f"codebooks: {len(books)} clustered weight(s), {human_bytes(dense)} dense -> {human_bytes(stored)} stored"
+            + (f" ({dense / stored:.2f}x smaller)" if stored else "")
+        )
+        rows = [[shorten(", ".join(b["uses"]), 50), "x".join(map(str, b["shape"])) or "-", b["clusters"],
+                 _granularity(b["granularity"]) + (", zero pinned" if b["zero_pinned"] else ""), b["bits"],
+                 human_bytes(b["stored_bytes"]), human_bytes(b["dense_bytes"] or 0)] for b in books]
+        lines.append(_indent(render_table(
+            ["weight", "shape", "clusters", "granularity", "bits/label", "stored", "dense"], cap(rows), "llrlrrr")))
         lines += more(rows)
     if info["aliases"]:
         lines.append("")
@@ -167,6 +223,15 @@ def render(info: dict, limit: int = 20) -> str:
         lines.append(_indent(render_table(["tensor", "near (T: transposed)", "cosine", "shape", "saves"], cap(rows), "llrlr")))
         lines += more(rows)
     return "\n".join(lines)
+
+
+def _granularity(g) -> str:
+    """A codebook granularity as the plan stores it, in words: a tensor, a channel, n channels."""
+    if g == 1:
+        return "channel"
+    if isinstance(g, int):
+        return f"{g} channels"
+    return str(g)
 
 
 def _indent(text: str) -> str:
