@@ -116,6 +116,37 @@ def test_large_input_takes_the_fast_path_and_stays_exact():
         assert c[j].item() == pytest.approx(xd[labels == j].mean().item(), rel=1e-6)
 
 
+def _weighted_sse(x, w, c):
+    lab = K._nearest(x, c)
+    return float((w * (x.astype(np.float64) - c[lab]) ** 2).sum())
+
+
+def test_binned_weighted_fit_is_within_the_bin_resolution_of_the_optimum():
+    rng = np.random.default_rng(5)
+    x = (rng.standard_t(3, 400_000) * 0.02).astype(np.float32)  # heavy tails, like trained weights
+    w = np.repeat(rng.gamma(2.0, 1.0, 400), 1000)  # per-column importances
+    best = K._fit(x, w, 16, "optimal", K.EXACT_POINTS)
+    binned = K._fit_binned(x, w, 16)
+    assert np.all(np.diff(binned) >= 0) and binned.min() >= x.min() and binned.max() <= x.max()
+    opt, got = _weighted_sse(x, w, best), _weighted_sse(x, w, binned)
+    assert opt <= got * (1 + 1e-12)
+    assert got <= opt * (1 + 1e-3)  # bins of 1/32768 of the range
+    coarse = K._fit_binned(x, w, 16, bins=64)  # and the resolution is what limits it
+    assert _weighted_sse(x, w, coarse) > got
+
+
+def test_binned_weighted_fit_is_exact_on_small_and_degenerate_inputs():
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=5000).astype(np.float32)
+    w = rng.uniform(0.1, 2.0, 5000)
+    np.testing.assert_array_equal(K._fit_binned(x, w, 8), K._fit(x, w, 8, "optimal", K.EXACT_POINTS))
+    big = np.full(300_000, 0.25, dtype=np.float32)
+    np.testing.assert_array_equal(K._fit_binned(big, np.ones(300_000), 4), np.full(4, 0.25))
+    two = np.repeat(np.array([-1.0, 3.0], dtype=np.float32), 150_000)
+    c = K._fit_binned(two, np.ones(300_000), 4)
+    assert set(np.round(c, 6)) == {-1.0, 3.0}
+
+
 def test_weights_equal_repetition_and_uniform_weights_change_nothing():
     rng = np.random.default_rng(1)
     x = rng.normal(size=300)

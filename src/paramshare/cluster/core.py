@@ -20,7 +20,7 @@ from torch import nn
 from .._index import ModelIndex, Use
 from .._parametrize import remove_derived, set_derived, set_plain
 from ..errors import SharingError, did_you_mean
-from .kmeans import _Prefix, _fit, _nearest
+from .kmeans import _Prefix, _fit, _fit_binned, _nearest
 
 __all__ = ["cluster", "uncluster", "set_codebook", "get_codebook", "DEFAULT_TYPES", "INITS"]
 
@@ -289,7 +289,10 @@ def _fit_target(t: _Target, k: int, init: str, prune: float) -> tuple[torch.Tens
         from .kmeans import EXACT_POINTS
 
         a = native.reshape(-1).numpy()
-        c = _fit(a, None if w is None else w.reshape(-1).numpy(), k, "optimal", EXACT_POINTS)
+        if w is None:
+            c = _fit(a, None, k, "optimal", EXACT_POINTS)
+        else:  # importances estimated from calibration data: the fit on fine bins is enough
+            c = _fit_binned(a, w.reshape(-1).numpy(), k)
         lab = torch.from_numpy(_nearest(a, c))
         cent = torch.from_numpy(c).to(device=value.device, dtype=value.dtype)
         return cent, lab.reshape(shape).to(labels_dtype(k)).to(value.device)
@@ -601,7 +604,9 @@ def cluster(
             is then weighted by the mean square of the input it multiplies (per input
             feature of a ``Linear``, per input channel of a ``Conv``, per looked-up row of an
             ``Embedding``), which approximates the error of the layer's output rather than of
-            its weights (activation-aware clustering). With ``init="optimal"`` and no
+            its weights (activation-aware clustering; with one codebook per tensor the
+            weighted k-means runs on 32768 equal-width bins of the value range, see
+            ``paramshare.cluster.kmeans._fit_binned``). With ``init="optimal"`` and no
             ``prune``, the labels of each ``Linear`` weight used once are then chosen column by
             column with error compensation through the input covariance (as GPTQ does for
             uniform grids), so later columns make up for earlier rounding. Put the model in
