@@ -133,7 +133,7 @@ def bench_model(name: str, model: nn.Module, fresh_factory, untied_factory, run,
     print(f"  ps.save                                    {sizes['ps.save']:>12,}  = unique + header {ck.header_bytes:,}"
           f"  ({'equal' if sizes['ps.save'] == unique + ck.header_bytes else 'DIFFERENT'})")
     print(f"  safetensors.save_model                     {sizes['safetensors.save_model']:>12,}"
-          f"  ps - st = {sizes['ps.save'] - sizes['safetensors.save_model']:+,} bytes (header: the plan)")
+          f"  ps - st = {sizes['ps.save'] - sizes['safetensors.save_model']:+,} bytes (headers: ps carries the plan, with shorter offsets)")
     print(f"  torch.save(state_dict)                     {sizes['torch.save']:>12,}")
     print(f"  ps.save of the same model untied           {p_untied.stat().st_size:>12,}"
           f"  shared / untied = {sizes['ps.save'] / p_untied.stat().st_size:.4f} (1/{p_untied.stat().st_size / sizes['ps.save']:.2f})")
@@ -216,7 +216,7 @@ def main() -> None:
         tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
         bench_model(
             "SharedTransformer12", shared, lambda: SharedTransformer().eval(), lambda: SharedTransformer(shared=False).eval(),
-            lambda m: m(tokens), folder, rounds,
+            lambda m: m(tokens), folder, rounds * 4,  # milliseconds a call: more rounds steady the median
         )
         bench_inspect(folder, args.quick)
 

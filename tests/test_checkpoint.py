@@ -156,13 +156,42 @@ def test_file_opens_with_plain_safetensors_and_carries_plan_and_metadata(tmp_pat
         meta = f.metadata()
         assert sorted(f.keys()) == sorted(tensors)
     assert meta["paramshare.format"] == "1"
-    assert ps.SharingPlan.from_json(meta["paramshare.plan"]) == ps.plan(m)
+    # the plan as compact JSON: alias groups as name lists (source first; the shape is the
+    # file tensor's), the other groups in full; ps.read gives the plan back
+    stored = json.loads(meta["paramshare.plan"])
+    plan = ps.plan(m)
+    aliases = [g for g in plan if g.kind == "alias"]
+    assert stored["alias"] == [list(g.members) for g in aliases] and all(g.members[0] == g.source for g in aliases)
+    assert [ps.TieGroup.from_dict(g) for g in stored.get("groups", [])] == [g for g in plan if g.kind != "alias"]
+    assert ps.read(path).plan == plan
     assert meta["run"] == "7" and meta["note"] == "ünïcode"
     ck = ps.read(path)
     assert ck.metadata == {"run": "7", "note": "ünïcode"} and ck.plan == ps.plan(m) and ck.format == 1
     assert sorted(ck.tensors) == sorted(tensors)
     ck.tensors["embed.weight"].zero_()  # read() gives independent tensors
     assert not torch.equal(ps.read(path).tensors["embed.weight"], ck.tensors["embed.weight"])
+
+
+def test_plan_file_form_keeps_order_and_the_full_form_still_loads(tmp_path):
+    m = autoencoder()
+    ps.tie(m, "0.weight", "2.weight", transpose=True)
+    path = tmp_path / "ae.safetensors"
+    ps.save(m, path)
+    n, head = header_of(path)
+    stored = json.loads(head["__metadata__"]["paramshare.plan"])
+    assert "alias" not in stored and [g["kind"] for g in stored["groups"]] == ["transpose"]
+    assert ps.read(path).plan == ps.plan(m)
+    # a file whose plan is written in full (SharingPlan.to_json) loads the same
+    full = dict(head, __metadata__=dict(head["__metadata__"], **{"paramshare.plan": ps.plan(m).to_json()}))
+    other = rewrite(path, tmp_path / "full.safetensors", full)
+    fresh = autoencoder(seed=1)
+    assert ps.load(fresh, other) == ps.LoadResult([], [])
+    assert ps.find_ties(fresh) == ps.find_ties(m) and ps.read(other).plan == ps.plan(m)
+    lm = shared_lm()
+    ps.save(lm, tmp_path / "lm.safetensors")
+    full_lm = dict(header_of(tmp_path / "lm.safetensors")[1])
+    full_lm["__metadata__"] = dict(full_lm["__metadata__"], **{"paramshare.plan": ps.plan(lm).to_json()})
+    assert ps.read(rewrite(tmp_path / "lm.safetensors", tmp_path / "lm_full.safetensors", full_lm)).plan == ps.plan(lm)
 
 
 def test_save_is_deterministic_and_leaves_the_model_alone(tmp_path):
@@ -378,7 +407,9 @@ def _corruptions(good: Path, out: Path):
     raw = good.read_bytes()
     n, head = header_of(good)
     meta = head["__metadata__"]
-    plan = json.loads(meta["paramshare.plan"])
+    plan = ps.read(good).plan.to_dict()  # the full form, which files may also carry
+    compact = json.loads(meta["paramshare.plan"])
+    assert "alias" in compact  # the file form lists alias groups as bare name lists
 
     def with_meta(**kw):
         return dict(head, __metadata__=dict(meta, **kw))
@@ -420,6 +451,10 @@ def _corruptions(good: Path, out: Path):
         "newer plan": (rewrite(good, out, with_plan(dict(plan, version=99))).read_bytes(), "upgrade paramshare"),
         "bad format": (rewrite(good, out, with_meta(**{"paramshare.format": "one"})).read_bytes(), "not a version number"),
         "alias to nowhere": (rewrite(good, out, with_meta(**{"paramshare.aliases": '{"x": "nowhere"}'})).read_bytes(), "not a tensor in the file"),
+        "compact alias not a list": (rewrite(good, out, with_plan({"alias": "embed.weight"})).read_bytes(), "'alias' must list lists"),
+        "compact alias of one name": (rewrite(good, out, with_plan(dict(compact, alias=[["embed.weight"]]))).read_bytes(), "'alias' must list lists"),
+        "compact alias of a name not in the file": (rewrite(good, out, with_plan(dict(compact, alias=[["nowhere.weight", "head.weight"]]))).read_bytes(), "has no tensor 'nowhere.weight'"),
+        "compact alias names a missing parameter": (rewrite(good, out, with_plan(dict(compact, alias=[["embed.weight", "head.wieght"]]))).read_bytes(), "head.wieght"),
         "metadata not strings": (rewrite(good, out, dict(head, __metadata__={"a": 1})).read_bytes(), "strings to strings"),
     }
 
@@ -606,10 +641,10 @@ def test_bert_for_masked_lm_round_trips_with_its_tied_decoder(tmp_path):
         assert ps.find_ties(fresh) == ps.find_ties(m)
         with torch.no_grad():
             assert torch.equal(fresh(x).logits, ref)
-    # the same tensor bytes as safetensors' own save_model; the header also carries the plan
+    # the same tensor bytes as safetensors' own save_model, and a file no larger: the header
+    # carries the plan, and its short offsets (small tensors first) pay for it
     assert _data_bytes(tmp_path / "ps.safetensors") == _data_bytes(tmp_path / "st.safetensors")
-    extra = (tmp_path / "ps.safetensors").stat().st_size - (tmp_path / "st.safetensors").stat().st_size
-    assert extra <= _plan_metadata_bytes(tmp_path / "ps.safetensors")
+    assert (tmp_path / "ps.safetensors").stat().st_size <= (tmp_path / "st.safetensors").stat().st_size
     assert (tmp_path / "ps.safetensors").stat().st_size < _data_bytes(tmp_path / "st.safetensors") + ps.report(m).saved_bytes
 
 
@@ -645,8 +680,7 @@ def test_real_minilm_round_trips_into_a_freshly_built_model(minilm, tmp_path):
         assert torch.equal(fresh(**enc).last_hidden_state, ref)
     assert ps.find_ties(fresh) == ps.find_ties(model)
     assert _data_bytes(tmp_path / "ps.safetensors") == _data_bytes(tmp_path / "st.safetensors")
-    extra = (tmp_path / "ps.safetensors").stat().st_size - (tmp_path / "st.safetensors").stat().st_size
-    assert extra <= _plan_metadata_bytes(tmp_path / "ps.safetensors")
+    assert (tmp_path / "ps.safetensors").stat().st_size <= (tmp_path / "st.safetensors").stat().st_size
     # and the published file (written by Hugging Face) loads as a plain state dict
     fresh2 = AutoModel.from_config(AutoConfig.from_pretrained(folder)).eval()
     res = ps.load(fresh2, folder / "model.safetensors", strict=False)

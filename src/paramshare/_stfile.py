@@ -20,6 +20,7 @@ crashed writer is removed by the next write to the same path.
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import stat
@@ -293,8 +294,19 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
 
 
 def _layout(items: list[tuple[str, torch.dtype, tuple[int, ...], object]]):
-    """Order tensors by descending element size, then name (as safetensors does): each stays aligned."""
-    return sorted(items, key=lambda it: (-torch.empty((), dtype=it[1]).element_size(), it[0]))
+    """Data order: by descending element size (so each tensor stays aligned), then smallest first.
+
+    Smallest first keeps the many small tensors (biases, norms) at short offsets, so their
+    ``data_offsets`` take fewer digits: the header of a paramshare checkpoint, plan included,
+    comes out smaller than safetensors' own for the same tensors (which orders by name).
+    Ties are broken by name, so the layout is deterministic.
+    """
+
+    def key(it):
+        size = torch.empty((), dtype=it[1]).element_size()
+        return (-size, math.prod(it[2]) * size, it[0])
+
+    return sorted(items, key=key)
 
 
 def build_header(items, metadata: dict[str, str]) -> tuple[bytes, int]:

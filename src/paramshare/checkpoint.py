@@ -7,7 +7,10 @@ A paramshare checkpoint is a standard safetensors file:
   ``transpose``: the source parameter under the source's name); every other parameter and
   persistent buffer is written under its ``state_dict`` name;
 * metadata: ``paramshare.format`` (the format version, ``"1"``), ``paramshare.plan`` (the
-  :class:`~paramshare.SharingPlan` as JSON), ``paramshare.aliases`` when buffers outside any
+  :class:`~paramshare.SharingPlan` as compact JSON: ``{"alias": [[source, member, ...], ...],
+  "groups": [...]}``, the leading alias groups as bare name lists whose shape is their file
+  tensor's, the others as :meth:`~paramshare.SharingPlan.to_dict` writes them; a plan in that
+  full form is read too), ``paramshare.aliases`` when buffers outside any
   tie group share memory (JSON ``{name: stored name}``; :func:`load` ties the names that are
   plain parameters of the model, and gives buffers the value), ``paramshare.encoding`` when
   ``compress=True`` entropy-coded integer tensors (JSON ``{name: {codec, dtype, shape}}``), and
@@ -15,6 +18,8 @@ A paramshare checkpoint is a standard safetensors file:
 
 So the file opens with plain ``safetensors`` (``load_file``, ``safe_open``), its size is the
 stored bytes plus the header, and :func:`load` re-imposes the plan on a model built untied.
+The data is laid out small tensors first (within each element size), so offsets are short:
+with the plan included the header is no larger than ``safetensors.torch.save_model``'s.
 Checkpoint code calls kinds only through ``stored``, ``owned`` and ``restore``, so kinds
 added later work unchanged.
 """
@@ -146,19 +151,23 @@ def _parse(path) -> _Parsed:
         )
     if PLAN_KEY not in meta:
         raise CheckpointError(f"{p}: a paramshare checkpoint without {PLAN_KEY!r} metadata; the file is corrupt")
-    try:
-        plan = SharingPlan.from_json(meta[PLAN_KEY])
-    except SharingError as e:
-        raise CheckpointError(f"{p}: the sharing plan in the file is invalid: {e}") from None
+    encoding = _json_meta(p, meta, ENCODING_KEY)
+    for name, spec in encoding.items():
+        _check_encoding(p, f, name, spec)
+
+    def shape_of(name):
+        if name in encoding:
+            return tuple(encoding[name]["shape"])
+        e = f.entries.get(name)
+        return None if e is None else e.shape
+
+    plan = _plan_from_text(p, meta[PLAN_KEY], shape_of)
     aliases = _json_meta(p, meta, ALIASES_KEY)
     for k, v in aliases.items():
         if not isinstance(v, str) or v not in f.entries:
             raise CheckpointError(f"{p}: alias {k!r} points at {v!r}, which is not a tensor in the file")
         if k in f.entries:
             raise CheckpointError(f"{p}: {k!r} is both a tensor and an alias of {v!r} in the file")
-    encoding = _json_meta(p, meta, ENCODING_KEY)
-    for name, spec in encoding.items():
-        _check_encoding(p, f, name, spec)
     user = {k: v for k, v in meta.items() if not k.startswith(_RESERVED)}
     parsed = _Parsed(f, plan, fmt, aliases, encoding, user)
     _check_plan_against_file(parsed)
@@ -383,7 +392,7 @@ def save(
     if _distributed.gathers(model):  # FSDP2-sharded: gathered on every rank, rank 0 writes
         return _distributed.save(model, path, metadata=metadata, compress=compress)
     entries, plan, aliases = _collect(model)
-    meta = {FORMAT_KEY: str(FORMAT_VERSION), PLAN_KEY: _plan_json(plan)}
+    meta = {FORMAT_KEY: str(FORMAT_VERSION), PLAN_KEY: _plan_json(plan, {n: tuple(t.shape) for n, t in entries.items()})}
     if aliases:
         meta[ALIASES_KEY] = json.dumps(aliases, separators=(",", ":"))
     if compress:
@@ -398,13 +407,67 @@ def save(
     write_file(path, entries.items(), meta)
 
 
-def _plan_json(plan: SharingPlan) -> str:
-    """The plan as compact JSON (``format`` and a version 1 are implied by the metadata key)."""
+def _plan_json(plan: SharingPlan, shapes: Mapping[str, tuple[int, ...]]) -> str:
+    """The plan in its file form: compact JSON that the file's own tensors complete.
+
+    ``format`` and a version 1 are implied by the metadata key. The leading alias groups whose
+    source is their first member and is stored under its own name (``shapes``: the file's
+    tensor shapes) are written as bare name lists, ``{"alias": [[source, member, ...], ...]}``:
+    their kind, source and shape follow from the list and the file. The other groups follow
+    under ``"groups"`` as :meth:`SharingPlan.to_dict` writes them. :func:`_plan_from_text`
+    reads both forms back into the same plan.
+    """
     d = plan.to_dict()
     d.pop("format", None)
     if d.get("version") == 1:
         d.pop("version")
-    return json.dumps(d, separators=(",", ":"))
+    groups = list(plan.groups)
+    short = []
+    while groups:
+        g = groups[0]
+        if not (g.kind == "alias" and g.members[0] == g.source and not g.options and g.shape is not None
+                and tuple(shapes.get(g.source, ())) == g.shape and g.source in shapes):
+            break
+        short.append(list(g.members))
+        groups.pop(0)
+    out: dict[str, object] = {k: v for k, v in d.items() if k != "groups"}
+    if short:
+        out["alias"] = short
+    if groups:
+        out["groups"] = [g.to_dict() for g in groups]
+    return json.dumps(out, separators=(",", ":"))
+
+
+def _plan_from_text(p: str, text: str, shape_of) -> SharingPlan:
+    """The plan of a file's ``paramshare.plan`` text (:func:`_plan_json`'s form or a full plan).
+
+    ``shape_of(name)`` is the shape of the file's tensor ``name`` (None when there is none).
+    """
+    try:
+        d = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"{p}: the sharing plan in the file is invalid: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{p}: the sharing plan in the file is invalid: a JSON object is needed, got {type(d).__name__}")
+    d = dict(d)
+    short = d.pop("alias", [])
+    if not isinstance(short, list) or not all(
+        isinstance(names, list) and len(names) >= 2 and all(isinstance(n, str) and n for n in names) for names in short
+    ):
+        raise CheckpointError(f"{p}: the sharing plan in the file is invalid: 'alias' must list lists of two or more names")
+    groups = []
+    for names in short:
+        shape = shape_of(names[0])
+        if shape is None:
+            raise CheckpointError(f"{p}: the plan's alias group of {names[0]!r} has no tensor {names[0]!r} in the file")
+        groups.append({"kind": "alias", "source": names[0], "members": names, "shape": list(shape)})
+    rest = d.get("groups", [])
+    if isinstance(rest, list):  # otherwise from_dict names the problem
+        d["groups"] = groups + rest
+    try:
+        return SharingPlan.from_dict(d)
+    except SharingError as e:
+        raise CheckpointError(f"{p}: the sharing plan in the file is invalid: {e}") from None
 
 
 def _check_metadata(metadata) -> dict[str, str]:

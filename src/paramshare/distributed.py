@@ -817,17 +817,9 @@ def save(model: nn.Module, path, metadata=None, compress: bool = False) -> None:
 
 def _file_plan(path):
     """The sharing plan in a paramshare checkpoint's header (None for other files), without reading tensors."""
-    from safetensors import safe_open
+    from .checkpoint import _parse
 
-    from .plans import SharingPlan
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception:
-        return None  # ps.load gives the proper error for an unreadable file
-    text = meta.get("paramshare.plan")
-    return SharingPlan.from_json(text) if text else None
+    return _parse(path).plan
 
 
 def load(model: nn.Module, path, strict: bool = True):
