@@ -417,24 +417,17 @@ def _plan_json(plan: SharingPlan, shapes: Mapping[str, tuple[int, ...]]) -> str:
     under ``"groups"`` as :meth:`SharingPlan.to_dict` writes them. :func:`_plan_from_text`
     reads both forms back into the same plan.
     """
-    d = plan.to_dict()
-    d.pop("format", None)
-    if d.get("version") == 1:
-        d.pop("version")
+    def implied(g: TieGroup) -> bool:  # the name list and the file say all there is
+        return (g.kind == "alias" and g.members[0] == g.source and not g.options
+                and g.source in shapes and tuple(shapes[g.source]) == g.shape)
+
     groups = list(plan.groups)
-    short = []
-    while groups:
-        g = groups[0]
-        if not (g.kind == "alias" and g.members[0] == g.source and not g.options and g.shape is not None
-                and tuple(shapes.get(g.source, ())) == g.shape and g.source in shapes):
-            break
-        short.append(list(g.members))
-        groups.pop(0)
-    out: dict[str, object] = {k: v for k, v in d.items() if k != "groups"}
-    if short:
-        out["alias"] = short
-    if groups:
-        out["groups"] = [g.to_dict() for g in groups]
+    n_short = next((i for i, g in enumerate(groups) if not implied(g)), len(groups))
+    out: dict[str, object] = {} if plan.version == 1 else {"version": plan.version}
+    if n_short:
+        out["alias"] = [list(g.members) for g in groups[:n_short]]
+    if groups[n_short:]:
+        out["groups"] = [g.to_dict() for g in groups[n_short:]]
     return json.dumps(out, separators=(",", ":"))
 
 
