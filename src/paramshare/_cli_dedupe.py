@@ -123,7 +123,7 @@ def dedupe(src, dst, near: float | None = None, min_numel: int = 16) -> dict:
         raise CheckpointError(f"{w.path}: nothing would be left to store")
     meta = {k: v for k, v in w.metadata.items() if not k.startswith("paramshare.") and k not in w.aliases}
     meta[FORMAT_KEY] = str(FORMAT_VERSION)
-    meta[PLAN_KEY] = _plan_json(SharingPlan(tuple(plan_groups)), {n: tuple(t.shape) for n, t in tensors})
+    meta[PLAN_KEY] = _plan_json(SharingPlan(tuple(plan_groups)), dict(tensors))
     if aliases:
         meta[ALIASES_KEY] = json.dumps(aliases, separators=(",", ":"))
     write_file(dst, tensors, meta)

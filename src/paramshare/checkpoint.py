@@ -392,7 +392,7 @@ def save(
     if _distributed.gathers(model):  # FSDP2-sharded: gathered on every rank, rank 0 writes
         return _distributed.save(model, path, metadata=metadata, compress=compress)
     entries, plan, aliases = _collect(model)
-    meta = {FORMAT_KEY: str(FORMAT_VERSION), PLAN_KEY: _plan_json(plan, {n: tuple(t.shape) for n, t in entries.items()})}
+    meta = {FORMAT_KEY: str(FORMAT_VERSION), PLAN_KEY: _plan_json(plan, entries)}
     if aliases:
         meta[ALIASES_KEY] = json.dumps(aliases, separators=(",", ":"))
     if compress:
@@ -407,19 +407,19 @@ def save(
     write_file(path, entries.items(), meta)
 
 
-def _plan_json(plan: SharingPlan, shapes: Mapping[str, tuple[int, ...]]) -> str:
+def _plan_json(plan: SharingPlan, tensors: Mapping[str, torch.Tensor]) -> str:
     """The plan in its file form: compact JSON that the file's own tensors complete.
 
     ``format`` and a version 1 are implied by the metadata key. The leading alias groups whose
-    source is their first member and is stored under its own name (``shapes``: the file's
-    tensor shapes) are written as bare name lists, ``{"alias": [[source, member, ...], ...]}``:
+    source is their first member and is stored under its own name (``tensors``: the file's
+    tensors by name) are written as bare name lists, ``{"alias": [[source, member, ...], ...]}``:
     their kind, source and shape follow from the list and the file. The other groups follow
     under ``"groups"`` as :meth:`SharingPlan.to_dict` writes them. :func:`_plan_from_text`
     reads both forms back into the same plan.
     """
     def implied(g: TieGroup) -> bool:  # the name list and the file say all there is
         return (g.kind == "alias" and g.members[0] == g.source and not g.options
-                and g.source in shapes and tuple(shapes[g.source]) == g.shape)
+                and g.source in tensors and tuple(tensors[g.source].shape) == g.shape)
 
     groups = list(plan.groups)
     n_short = next((i for i, g in enumerate(groups) if not implied(g)), len(groups))
@@ -442,7 +442,6 @@ def _plan_from_text(p: str, text: str, shape_of) -> SharingPlan:
         raise CheckpointError(f"{p}: the sharing plan in the file is invalid: not valid JSON ({e})") from None
     if not isinstance(d, dict):
         raise CheckpointError(f"{p}: the sharing plan in the file is invalid: a JSON object is needed, got {type(d).__name__}")
-    d = dict(d)
     short = d.pop("alias", [])
     if not isinstance(short, list) or not all(
         isinstance(names, list) and len(names) >= 2 and all(isinstance(n, str) and n for n in names) for names in short

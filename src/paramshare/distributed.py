@@ -815,13 +815,6 @@ def save(model: nn.Module, path, metadata=None, compress: bool = False) -> None:
     _agree(dist, error, "saving")
 
 
-def _file_plan(path):
-    """The sharing plan in a paramshare checkpoint's header (None for other files), without reading tensors."""
-    from .checkpoint import _parse
-
-    return _parse(path).plan
-
-
 def load(model: nn.Module, path, strict: bool = True):
     """Collective ``ps.load``: every rank reads the file and loads it into its model.
 
@@ -844,7 +837,7 @@ def load(model: nn.Module, path, strict: bool = True):
     Example (on every rank):
         >>> ps.distributed.load(sharded, "model.safetensors")  # doctest: +SKIP
     """
-    from .checkpoint import load as _load
+    from .checkpoint import _parse, load as _load
     from .errors import CheckpointError
     from .tying import check
 
@@ -861,7 +854,7 @@ def load(model: nn.Module, path, strict: bool = True):
     error = result = state = None
     plan = None
     try:
-        plan = _file_plan(path)
+        plan = _parse(path).plan  # the header only: None for a file without a plan
     except Exception as e:
         error = e
     if plan is not None:

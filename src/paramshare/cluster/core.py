@@ -20,7 +20,7 @@ from torch import nn
 from .._index import ModelIndex, Use
 from .._parametrize import remove_derived, set_derived, set_plain
 from ..errors import SharingError, did_you_mean
-from .kmeans import _Prefix, _fit, _fit_binned, _nearest
+from .kmeans import EXACT_POINTS, _Prefix, _fit, _fit_binned, _nearest
 
 __all__ = ["cluster", "uncluster", "set_codebook", "get_codebook", "DEFAULT_TYPES", "INITS"]
 
@@ -286,8 +286,6 @@ def _fit_target(t: _Target, k: int, init: str, prune: float) -> tuple[torch.Tens
     if w is not None and not bool((w > 0).any()):
         w = None
     if nb == 1 and not zero and init == "optimal":
-        from .kmeans import EXACT_POINTS
-
         a = native.reshape(-1).numpy()
         if w is None:
             c = _fit(a, None, k, "optimal", EXACT_POINTS)

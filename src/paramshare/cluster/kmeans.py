@@ -604,10 +604,10 @@ def _fit_binned(a: np.ndarray, w: np.ndarray, k: int, bins: int = BINS) -> np.nd
     values per bin on average) are fitted exactly.
     """
     pos = w > 0
+    if np.count_nonzero(pos) <= 4 * bins:
+        return _fit(a, w, k, "optimal", EXACT_POINTS)
     av = a[pos].astype(np.float64)
     wv = w[pos].astype(np.float64, copy=False)
-    if av.size <= 4 * bins:
-        return _fit(a, w, k, "optimal", EXACT_POINTS)
     lo, hi = float(av.min()), float(av.max())
     if not hi > lo:
         return np.full(k, lo)
